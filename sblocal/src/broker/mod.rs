@@ -1,0 +1,1 @@
+//! Service Bus semantics over the AMQP engine.

@@ -1,0 +1,1 @@
+//! Our thin Service Bus client on fe2o3-amqp.
