@@ -1,1 +1,1364 @@
-//! TODO
+//! Every setting of every mode, parsed and validated once, before anything connects.
+//!
+//! Each setting is a command-line flag and an environment variable (clap `env`). Values are
+//! taken as strings and validated here, so a bad value produces one line that names the
+//! environment variable and says what is wrong, and exit code 2. `azure_identity` reads its
+//! own standard variables (`AZURE_AUTHORITY_HOST`, `IDENTITY_ENDPOINT`, ...) itself; the ones
+//! the workload-identity decision depends on are read here too, so they are checked early.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::telemetry::{LogFormat, TracingConfig};
+
+/// Default body, as the tutorial's consumer logs show it.
+pub const DEFAULT_MESSAGE_BODY: &str = "Hello World!";
+/// Producer default when MESSAGE_COUNT is not set: the tutorial's producer Job.
+pub const DEFAULT_PRODUCER_COUNT: u64 = 100;
+/// Largest body we are willing to build (Premium tier's limit is 100 MB).
+pub const MAX_MESSAGE_SIZE: u64 = 100 * 1024 * 1024;
+/// The TLS port of every Service Bus namespace.
+pub const AMQPS_PORT: u16 = 5671;
+/// The plain AMQP port of the emulator (and of `sblocal`).
+pub const AMQP_PORT: u16 = 5672;
+
+/// A configuration error: which setting, and what is wrong with it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{setting}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable name (each also has a flag).
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Operation mode (`OPERATION_MODE` or the subcommand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Subcommand)]
+pub enum Mode {
+    /// Send MESSAGE_COUNT messages, then exit.
+    Producer,
+    /// Receive up to MESSAGE_COUNT messages (0 = until stopped), then exit.
+    Consumer,
+    /// Serve KEDA's external scaler gRPC API with the queue's message count.
+    Scaler,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Producer => "producer",
+            Mode::Consumer => "consumer",
+            Mode::Scaler => "scaler",
+        }
+    }
+}
+
+/// Raw command line and environment. Everything is a string here; [`Config::from_args`]
+/// turns it into typed values with errors that name the variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "servicebusdemo",
+    version,
+    about = "Azure Service Bus producer, consumer and KEDA external scaler (workload identity or SAS)",
+    after_help = "Exit codes: 0 success, 2 bad configuration, 1 failure at run time."
+)]
+pub struct Args {
+    /// Mode as a subcommand (alternative to OPERATION_MODE).
+    #[command(subcommand)]
+    pub command: Option<Mode>,
+
+    /// producer | consumer | scaler.
+    #[arg(long, env = "OPERATION_MODE", global = true)]
+    pub operation_mode: Option<String>,
+
+    /// Messages to send (producer, default 100) or to receive (consumer, default 0 = until stopped).
+    #[arg(long, env = "MESSAGE_COUNT", global = true)]
+    pub message_count: Option<String>,
+
+    /// Queue name.
+    #[arg(long, env = "AZURE_SERVICEBUS_QUEUE_NAME", global = true)]
+    pub queue_name: Option<String>,
+
+    /// Namespace host name, e.g. mynamespace.servicebus.windows.net (host:port for local brokers).
+    #[arg(long, env = "AZURE_SERVICEBUS_HOSTNAME", global = true)]
+    pub hostname: Option<String>,
+
+    /// SAS connection string (alternative to the host name and an Entra identity).
+    #[arg(
+        long,
+        env = "AZURE_SERVICEBUS_CONNECTION_STRING",
+        hide_env_values = true,
+        global = true
+    )]
+    pub connection_string: Option<String>,
+
+    /// Management (ATOM) base URL for the scaler; default https://{hostname}/.
+    #[arg(long, env = "AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT", global = true)]
+    pub management_endpoint: Option<String>,
+
+    /// Entra application (client) id; set by the workload-identity webhook.
+    #[arg(long, env = "AZURE_CLIENT_ID", global = true)]
+    pub client_id: Option<String>,
+
+    /// Entra tenant id; set by the workload-identity webhook.
+    #[arg(long, env = "AZURE_TENANT_ID", global = true)]
+    pub tenant_id: Option<String>,
+
+    /// Projected service-account token file; set by the workload-identity webhook.
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE", global = true)]
+    pub federated_token_file: Option<String>,
+
+    /// Entra authority; set by the workload-identity webhook (default https://login.microsoftonline.com/).
+    #[arg(long, env = "AZURE_AUTHORITY_HOST", global = true)]
+    pub authority_host: Option<String>,
+
+    /// Message body (producer).
+    #[arg(long, env = "MESSAGE_BODY", global = true)]
+    pub message_body: Option<String>,
+
+    /// Body size in bytes; the body is padded with spaces up to it (producer).
+    #[arg(long, env = "MESSAGE_SIZE", global = true)]
+    pub message_size: Option<String>,
+
+    /// Time spent processing each message, e.g. 500ms (consumer).
+    #[arg(long, env = "PROCESSING_DELAY", global = true)]
+    pub processing_delay: Option<String>,
+
+    /// Exit when the queue stays empty this long, e.g. 30s (consumer; not with MESSAGE_COUNT=0).
+    #[arg(long, env = "CONSUMER_IDLE_TIMEOUT", global = true)]
+    pub consumer_idle_timeout: Option<String>,
+
+    /// Messages to prefetch (consumer; never more than still wanted).
+    #[arg(long, env = "PREFETCH", global = true)]
+    pub prefetch: Option<String>,
+
+    /// Processing attempts before a failing message is dead-lettered (consumer, default 3).
+    #[arg(long, env = "MAX_PROCESSING_ATTEMPTS", global = true)]
+    pub max_processing_attempts: Option<String>,
+
+    /// Processing fails for bodies containing this text (consumer; shows the dead-letter path).
+    #[arg(long, env = "PROCESSING_FAIL_MATCH", global = true)]
+    pub processing_fail_match: Option<String>,
+
+    /// Timeout of one broker operation (connect, attach, send, token), e.g. 30s.
+    #[arg(long, env = "OPERATION_TIMEOUT", global = true)]
+    pub operation_timeout: Option<String>,
+
+    /// Retries of a transient failure before giving up (default 5).
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", global = true)]
+    pub retry_max_attempts: Option<String>,
+
+    /// First retry delay; doubles each retry, with jitter (default 500ms).
+    #[arg(long, env = "RETRY_BASE_DELAY", global = true)]
+    pub retry_base_delay: Option<String>,
+
+    /// Upper bound of a retry delay (default 30s).
+    #[arg(long, env = "RETRY_MAX_DELAY", global = true)]
+    pub retry_max_delay: Option<String>,
+
+    /// Address of /metrics, /healthz and /readyz (port 0 = any free port).
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<String>,
+
+    /// text | json.
+    #[arg(long, env = "LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+
+    /// Log filter, e.g. info or servicebusdemo=debug.
+    #[arg(long, env = "RUST_LOG", global = true)]
+    pub log_filter: Option<String>,
+
+    /// OTLP gRPC endpoint for traces, e.g. http://otel-collector:4317.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// Scaler gRPC address.
+    #[arg(long, env = "SCALER_GRPC_ADDR", global = true)]
+    pub scaler_grpc_addr: Option<String>,
+
+    /// How long a queue count is reused before the management endpoint is asked again.
+    #[arg(long, env = "SCALER_CACHE_TTL", global = true)]
+    pub scaler_cache_ttl: Option<String>,
+
+    /// How old a count may be when it is served because a refresh failed transiently.
+    #[arg(long, env = "SCALER_MAX_STALENESS", global = true)]
+    pub scaler_max_staleness: Option<String>,
+
+    /// Comma-separated queues the scaler polls for its gauges (default the queue name).
+    #[arg(long, env = "SCALER_QUEUES", global = true)]
+    pub scaler_queues: Option<String>,
+
+    /// PEM certificate of the scaler's gRPC server (enables TLS).
+    #[arg(long, env = "SCALER_TLS_CERT_FILE", global = true)]
+    pub scaler_tls_cert_file: Option<String>,
+
+    /// PEM private key of the scaler's gRPC server.
+    #[arg(long, env = "SCALER_TLS_KEY_FILE", global = true)]
+    pub scaler_tls_key_file: Option<String>,
+
+    /// PEM CA that client certificates must chain to (enables mutual TLS).
+    #[arg(long, env = "SCALER_TLS_CLIENT_CA_FILE", global = true)]
+    pub scaler_tls_client_ca_file: Option<String>,
+}
+
+/// How the AMQP connection is carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// AMQP over TLS (`amqps`), the only option on Azure.
+    Tls,
+    /// Plain AMQP: the emulator (`UseDevelopmentEmulator=true`) and local brokers.
+    Plain,
+}
+
+/// Where the namespace is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Host name without port, e.g. `mynamespace.servicebus.windows.net` or `localhost`.
+    pub host: String,
+    /// Port to connect to.
+    pub port: u16,
+    pub transport: Transport,
+}
+
+impl Namespace {
+    /// `host:port`, as a socket address string.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The token audience (`sb://host/entity`) Service Bus expects for an entity.
+    pub fn audience(&self, entity: &str) -> String {
+        format!("sb://{}/{}", self.host, entity)
+    }
+}
+
+/// A shared access key from a connection string. `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedAccessKey {
+    pub key_name: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for SharedAccessKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAccessKey")
+            .field("key_name", &self.key_name)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where tokens come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// A connection string with a key: we sign SAS tokens ourselves.
+    SharedAccessKey(SharedAccessKey),
+    /// A connection string with a ready-made `SharedAccessSignature` (used as is until it expires).
+    SharedAccessSignature(String),
+    /// The workload-identity webhook's variables: a federated token exchanged at Entra.
+    WorkloadIdentity {
+        tenant_id: String,
+        client_id: String,
+        token_file: PathBuf,
+        authority_host: Option<String>,
+    },
+    /// No webhook variables: managed identity, then developer tools (Azure CLI, azd).
+    Ambient {
+        /// A user-assigned managed identity's client id, when AZURE_CLIENT_ID is set.
+        client_id: Option<String>,
+    },
+}
+
+/// Retry of transient failures: exponential backoff with jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// Settings every mode shares.
+#[derive(Clone, Debug)]
+pub struct CommonConfig {
+    pub namespace: Namespace,
+    pub auth: AuthConfig,
+    pub metrics_addr: SocketAddr,
+    pub tracing: TracingConfig,
+    pub operation_timeout: Duration,
+    pub retry: RetryConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerConfig {
+    pub queue: String,
+    pub message_count: u64,
+    /// The body, already padded to MESSAGE_SIZE.
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    pub queue: String,
+    /// 0 = run until stopped.
+    pub message_count: u64,
+    pub processing_delay: Duration,
+    /// `None` when MESSAGE_COUNT=0: a continuous worker never exits for being idle.
+    pub idle_timeout: Option<Duration>,
+    pub prefetch: u32,
+    pub max_processing_attempts: u32,
+    pub processing_fail_match: Option<String>,
+}
+
+/// TLS files of the scaler's gRPC server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScalerTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Set: clients must present a certificate chaining to this CA (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScalerConfig {
+    pub grpc_addr: SocketAddr,
+    /// ATOM base URL, ending in `/`.
+    pub management_endpoint: url::Url,
+    pub cache_ttl: Duration,
+    pub max_staleness: Duration,
+    /// Queues polled in the background for the gauges.
+    pub queues: Vec<String>,
+    pub tls: Option<ScalerTlsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub enum ModeConfig {
+    Producer(ProducerConfig),
+    Consumer(ConsumerConfig),
+    Scaler(ScalerConfig),
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub mode: ModeConfig,
+}
+
+impl Config {
+    pub fn mode(&self) -> Mode {
+        match self.mode {
+            ModeConfig::Producer(_) => Mode::Producer,
+            ModeConfig::Consumer(_) => Mode::Consumer,
+            ModeConfig::Scaler(_) => Mode::Scaler,
+        }
+    }
+
+    /// Validate everything. No I/O except checking that named files are readable.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let mode = parse_mode(&args)?;
+        let common = parse_common(&args, mode)?;
+        let mode = match mode {
+            Mode::Producer => ModeConfig::Producer(parse_producer(&args)?),
+            Mode::Consumer => ModeConfig::Consumer(parse_consumer(&args)?),
+            Mode::Scaler => ModeConfig::Scaler(parse_scaler(&args, &common.namespace)?),
+        };
+        Ok(Config { common, mode })
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn parse_mode(args: &Args) -> Result<Mode, ConfigError> {
+    let from_env = match non_empty(&args.operation_mode) {
+        Some(value) => Some(Mode::from_str(value, true).map_err(|_| {
+            ConfigError::new(
+                "OPERATION_MODE",
+                format!("invalid value {value:?}: expected producer, consumer or scaler"),
+            )
+        })?),
+        None => None,
+    };
+    match (args.command, from_env) {
+        (Some(cmd), Some(env)) if cmd != env => Err(ConfigError::new(
+            "OPERATION_MODE",
+            format!(
+                "is {:?} but the subcommand says {:?}; use one",
+                env.as_str(),
+                cmd.as_str()
+            ),
+        )),
+        (Some(mode), _) | (None, Some(mode)) => Ok(mode),
+        (None, None) => Err(ConfigError::new(
+            "OPERATION_MODE",
+            "not set: expected producer, consumer or scaler (or the subcommand)",
+        )),
+    }
+}
+
+fn parse_common(args: &Args, mode: Mode) -> Result<CommonConfig, ConfigError> {
+    let (namespace, auth) = parse_namespace_and_auth(args)?;
+    let metrics_addr = parse_socket_addr(
+        "METRICS_ADDR",
+        non_empty(&args.metrics_addr).unwrap_or("0.0.0.0:8080"),
+    )?;
+    let log_format = match non_empty(&args.log_format).map(str::to_ascii_lowercase) {
+        None => LogFormat::Text,
+        Some(v) if v == "text" => LogFormat::Text,
+        Some(v) if v == "json" => LogFormat::Json,
+        Some(v) => {
+            return Err(ConfigError::new(
+                "LOG_FORMAT",
+                format!("invalid value {v:?}: expected text or json"),
+            ))
+        }
+    };
+    if let Some(filter) = non_empty(&args.log_filter) {
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|err| {
+            ConfigError::new("RUST_LOG", format!("invalid filter {filter:?}: {err}"))
+        })?;
+    }
+    let otlp_endpoint = match non_empty(&args.otlp_endpoint) {
+        Some(endpoint) => {
+            let url = url::Url::parse(endpoint).map_err(|err| {
+                ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("invalid URL {endpoint:?}: {err}"),
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("invalid URL {endpoint:?}: expected http:// or https://"),
+                ));
+            }
+            Some(endpoint.to_string())
+        }
+        None => None,
+    };
+    let tracing = TracingConfig {
+        log_format,
+        log_filter: non_empty(&args.log_filter).map(str::to_string),
+        otlp_endpoint,
+        service_name: format!("servicebusdemo-{}", mode.as_str()),
+    };
+    let operation_timeout = parse_duration_setting(
+        "OPERATION_TIMEOUT",
+        &args.operation_timeout,
+        Duration::from_secs(30),
+    )?;
+    if operation_timeout.is_zero() {
+        return Err(ConfigError::new("OPERATION_TIMEOUT", "must be more than 0"));
+    }
+    let retry = RetryConfig {
+        max_attempts: parse_number("RETRY_MAX_ATTEMPTS", &args.retry_max_attempts, 5u32)?,
+        base_delay: parse_duration_setting(
+            "RETRY_BASE_DELAY",
+            &args.retry_base_delay,
+            Duration::from_millis(500),
+        )?,
+        max_delay: parse_duration_setting(
+            "RETRY_MAX_DELAY",
+            &args.retry_max_delay,
+            Duration::from_secs(30),
+        )?,
+    };
+    if retry.max_delay < retry.base_delay {
+        return Err(ConfigError::new(
+            "RETRY_MAX_DELAY",
+            "must not be shorter than RETRY_BASE_DELAY",
+        ));
+    }
+    Ok(CommonConfig {
+        namespace,
+        auth,
+        metrics_addr,
+        tracing,
+        operation_timeout,
+        retry,
+    })
+}
+
+fn parse_namespace_and_auth(args: &Args) -> Result<(Namespace, AuthConfig), ConfigError> {
+    let hostname = non_empty(&args.hostname);
+    let connection_string = non_empty(&args.connection_string);
+    match (hostname, connection_string) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            "AZURE_SERVICEBUS_CONNECTION_STRING",
+            "set together with AZURE_SERVICEBUS_HOSTNAME; set only one of them",
+        )),
+        (None, None) => Err(ConfigError::new(
+            "AZURE_SERVICEBUS_HOSTNAME",
+            "not set: set the namespace host name (Entra identity) or AZURE_SERVICEBUS_CONNECTION_STRING (SAS)",
+        )),
+        (None, Some(cs)) => {
+            let parsed = ConnectionString::parse(cs)?;
+            Ok((parsed.namespace, parsed.auth))
+        }
+        (Some(host), None) => {
+            let namespace = parse_hostname(host)?;
+            let auth = parse_identity(args)?;
+            Ok((namespace, auth))
+        }
+    }
+}
+
+/// A namespace host name: `ns.servicebus.windows.net` or `host:port`; no scheme, no path.
+pub fn parse_hostname(value: &str) -> Result<Namespace, ConfigError> {
+    const SETTING: &str = "AZURE_SERVICEBUS_HOSTNAME";
+    if value.contains("://") {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("{value:?} has a scheme; give the host name only, e.g. mynamespace.servicebus.windows.net"),
+        ));
+    }
+    if value.contains('/') || value.contains('?') || value.contains('@') {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("{value:?} is not a host name (no path, query or user allowed)"),
+        ));
+    }
+    let (host, port) = split_host_port(value).map_err(|problem| {
+        ConfigError::new(SETTING, format!("{value:?} is not a host name: {problem}"))
+    })?;
+    Ok(Namespace {
+        host,
+        port: port.unwrap_or(AMQPS_PORT),
+        transport: Transport::Tls,
+    })
+}
+
+/// Split `host[:port]`, validating the host's characters.
+fn split_host_port(value: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = match value.rsplit_once(':') {
+        Some((host, port)) => {
+            let port: u16 = port.parse().map_err(|_| format!("invalid port {port:?}"))?;
+            if port == 0 {
+                return Err("port 0 is not a port to connect to".into());
+            }
+            (host, Some(port))
+        }
+        None => (value, None),
+    };
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    let valid = host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if !valid || host.starts_with('.') || host.ends_with('.') && host.len() == 1 {
+        return Err(format!("invalid characters in host {host:?}"));
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+fn parse_identity(args: &Args) -> Result<AuthConfig, ConfigError> {
+    let client_id = non_empty(&args.client_id).map(str::to_string);
+    let tenant_id = non_empty(&args.tenant_id).map(str::to_string);
+    let token_file = non_empty(&args.federated_token_file);
+    let authority_host = match non_empty(&args.authority_host) {
+        Some(value) => Some(parse_authority_host(value)?),
+        None => None,
+    };
+    let Some(token_file) = token_file else {
+        return Ok(AuthConfig::Ambient { client_id });
+    };
+    // The webhook sets all of these together; a partial set is a broken pod spec.
+    let tenant_id = tenant_id.ok_or_else(|| {
+        ConfigError::new(
+            "AZURE_TENANT_ID",
+            "not set, but AZURE_FEDERATED_TOKEN_FILE is (workload identity needs both)",
+        )
+    })?;
+    let client_id = client_id.ok_or_else(|| {
+        ConfigError::new(
+            "AZURE_CLIENT_ID",
+            "not set, but AZURE_FEDERATED_TOKEN_FILE is (workload identity needs both)",
+        )
+    })?;
+    let token_file = PathBuf::from(token_file);
+    check_readable("AZURE_FEDERATED_TOKEN_FILE", &token_file)?;
+    Ok(AuthConfig::WorkloadIdentity {
+        tenant_id,
+        client_id,
+        token_file,
+        authority_host,
+    })
+}
+
+fn parse_authority_host(value: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(value).map_err(|err| {
+        ConfigError::new(
+            "AZURE_AUTHORITY_HOST",
+            format!("invalid URL {value:?}: {err}"),
+        )
+    })?;
+    // azure_identity refuses anything else at the first token request; refuse it now.
+    if url.scheme() != "https" {
+        return Err(ConfigError::new(
+            "AZURE_AUTHORITY_HOST",
+            format!("{value:?} must be an https:// URL"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn check_readable(setting: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|err| ConfigError::new(setting, format!("cannot read {}: {err}", path.display())))
+}
+
+/// A parsed Service Bus connection string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionString {
+    pub namespace: Namespace,
+    pub auth: AuthConfig,
+    /// `EntityPath`, when the string is scoped to one entity.
+    pub entity_path: Option<String>,
+}
+
+impl ConnectionString {
+    /// Parse `Endpoint=sb://host[:port][/];SharedAccessKeyName=..;SharedAccessKey=..[;EntityPath=..]
+    /// [;UseDevelopmentEmulator=true]` (or `SharedAccessSignature=...` instead of the key pair).
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        const SETTING: &str = "AZURE_SERVICEBUS_CONNECTION_STRING";
+        let bad = |problem: String| ConfigError::new(SETTING, problem);
+        let mut endpoint = None;
+        let mut key_name = None;
+        let mut key = None;
+        let mut signature = None;
+        let mut entity_path = None;
+        let mut emulator = false;
+        for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            // Values (keys are base64) may contain '='; split at the first one only.
+            let Some((name, val)) = part.split_once('=') else {
+                return Err(bad(format!(
+                    "malformed: part {:?} is not Name=Value",
+                    redact_part(part)
+                )));
+            };
+            let val = val.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "endpoint" => endpoint = Some(val),
+                "sharedaccesskeyname" => key_name = Some(val),
+                "sharedaccesskey" => key = Some(val),
+                "sharedaccesssignature" => signature = Some(val),
+                "entitypath" => entity_path = Some(val.to_string()),
+                "usedevelopmentemulator" => {
+                    emulator = match val.to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(bad(format!(
+                                "malformed: UseDevelopmentEmulator={val:?}, expected true or false"
+                            )))
+                        }
+                    }
+                }
+                other => {
+                    return Err(bad(format!("malformed: unknown part {other:?}")));
+                }
+            }
+        }
+        let endpoint = endpoint.ok_or_else(|| bad("malformed: no Endpoint=sb://...".into()))?;
+        let namespace = parse_endpoint(endpoint, emulator).map_err(bad)?;
+        let auth = match (key_name, key, signature) {
+            (Some(name), Some(key), None) if !name.is_empty() && !key.is_empty() => {
+                AuthConfig::SharedAccessKey(SharedAccessKey {
+                    key_name: name.to_string(),
+                    key: key.to_string(),
+                })
+            }
+            (None, None, Some(sig)) if sig.starts_with("SharedAccessSignature ") => {
+                AuthConfig::SharedAccessSignature(sig.to_string())
+            }
+            (None, None, Some(_)) => {
+                return Err(bad(
+                    "malformed: SharedAccessSignature must start with \"SharedAccessSignature \""
+                        .into(),
+                ))
+            }
+            _ => {
+                return Err(bad(
+                    "malformed: expected SharedAccessKeyName and SharedAccessKey (or SharedAccessSignature alone)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Self {
+            namespace,
+            auth,
+            entity_path,
+        })
+    }
+}
+
+/// Show the name of a part that failed to parse, never a value that might be a key.
+fn redact_part(part: &str) -> String {
+    if part.len() > 24 {
+        format!(
+            "{}...",
+            &part[..part.char_indices().nth(8).map_or(0, |(i, _)| i)]
+        )
+    } else {
+        part.to_string()
+    }
+}
+
+fn parse_endpoint(endpoint: &str, emulator: bool) -> Result<Namespace, String> {
+    let url = url::Url::parse(endpoint)
+        .map_err(|err| format!("malformed: Endpoint {endpoint:?} is not a URL: {err}"))?;
+    if !matches!(url.scheme(), "sb" | "amqp" | "amqps") {
+        return Err(format!(
+            "malformed: Endpoint {endpoint:?} must start with sb://"
+        ));
+    }
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("malformed: Endpoint {endpoint:?} has no host"))?;
+    if !matches!(url.path(), "" | "/") {
+        return Err(format!(
+            "malformed: Endpoint {endpoint:?} must not have a path (use EntityPath)"
+        ));
+    }
+    let plain = emulator || url.scheme() == "amqp";
+    let transport = if plain {
+        Transport::Plain
+    } else {
+        Transport::Tls
+    };
+    let default_port = if plain { AMQP_PORT } else { AMQPS_PORT };
+    Ok(Namespace {
+        host: host.to_ascii_lowercase(),
+        port: url.port().unwrap_or(default_port),
+        transport,
+    })
+}
+
+fn parse_queue_name(args: &Args) -> Result<String, ConfigError> {
+    let name = non_empty(&args.queue_name).ok_or_else(|| {
+        ConfigError::new("AZURE_SERVICEBUS_QUEUE_NAME", "not set: the queue to use")
+    })?;
+    validate_entity_name(name)
+        .map_err(|problem| ConfigError::new("AZURE_SERVICEBUS_QUEUE_NAME", problem))?;
+    Ok(name.to_string())
+}
+
+/// Service Bus queue names: up to 260 characters, letters, digits, `.`, `-`, `_`, `/`
+/// (not at the start or end).
+pub fn validate_entity_name(name: &str) -> Result<(), String> {
+    // A queue's dead-letter sub-queue can be read like a queue.
+    let name = name.strip_suffix("/$DeadLetterQueue").unwrap_or(name);
+    if name.is_empty() {
+        return Err("empty queue name".into());
+    }
+    if name.len() > 260 {
+        return Err(format!("{name:?} is longer than 260 characters"));
+    }
+    let valid = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+    if !valid {
+        return Err(format!(
+            "{name:?} has invalid characters (letters, digits, '.', '-', '_', '/' only)"
+        ));
+    }
+    if name.starts_with(['/', '.', '-']) || name.ends_with(['/', '.', '-']) {
+        return Err(format!(
+            "{name:?} must not start or end with '/', '.' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_producer(args: &Args) -> Result<ProducerConfig, ConfigError> {
+    let queue = parse_queue_name(args)?;
+    let message_count = parse_number("MESSAGE_COUNT", &args.message_count, DEFAULT_PRODUCER_COUNT)?;
+    let base = args
+        .message_body
+        .clone()
+        .unwrap_or_else(|| DEFAULT_MESSAGE_BODY.to_string());
+    let body = match non_empty(&args.message_size) {
+        Some(_) => {
+            let size: u64 = parse_number("MESSAGE_SIZE", &args.message_size, 0)?;
+            pad_body(&base, size)?
+        }
+        None => base,
+    };
+    Ok(ProducerConfig {
+        queue,
+        message_count,
+        body,
+    })
+}
+
+/// Pad `body` with spaces to `size` bytes.
+pub fn pad_body(body: &str, size: u64) -> Result<String, ConfigError> {
+    if size > MAX_MESSAGE_SIZE {
+        return Err(ConfigError::new(
+            "MESSAGE_SIZE",
+            format!("{size} is larger than {MAX_MESSAGE_SIZE} bytes"),
+        ));
+    }
+    let len = body.len() as u64;
+    if size < len {
+        return Err(ConfigError::new(
+            "MESSAGE_SIZE",
+            format!("{size} is smaller than MESSAGE_BODY ({len} bytes)"),
+        ));
+    }
+    let mut padded = String::with_capacity(size as usize);
+    padded.push_str(body);
+    padded.extend(std::iter::repeat_n(' ', (size - len) as usize));
+    Ok(padded)
+}
+
+fn parse_consumer(args: &Args) -> Result<ConsumerConfig, ConfigError> {
+    let queue = parse_queue_name(args)?;
+    let message_count: u64 = parse_number("MESSAGE_COUNT", &args.message_count, 0)?;
+    let processing_delay =
+        parse_duration_setting("PROCESSING_DELAY", &args.processing_delay, Duration::ZERO)?;
+    let idle = parse_duration_setting(
+        "CONSUMER_IDLE_TIMEOUT",
+        &args.consumer_idle_timeout,
+        Duration::from_secs(30),
+    )?;
+    if idle.is_zero() {
+        return Err(ConfigError::new(
+            "CONSUMER_IDLE_TIMEOUT",
+            "must be more than 0",
+        ));
+    }
+    let prefetch: u32 = parse_number("PREFETCH", &args.prefetch, 0)?;
+    let max_processing_attempts: u32 =
+        parse_number("MAX_PROCESSING_ATTEMPTS", &args.max_processing_attempts, 3)?;
+    if max_processing_attempts == 0 {
+        return Err(ConfigError::new(
+            "MAX_PROCESSING_ATTEMPTS",
+            "must be at least 1",
+        ));
+    }
+    Ok(ConsumerConfig {
+        queue,
+        message_count,
+        processing_delay,
+        // A continuous worker (MESSAGE_COUNT=0) waits for work however long it takes.
+        idle_timeout: (message_count > 0).then_some(idle),
+        prefetch,
+        max_processing_attempts,
+        processing_fail_match: args.processing_fail_match.clone().filter(|s| !s.is_empty()),
+    })
+}
+
+fn parse_scaler(args: &Args, namespace: &Namespace) -> Result<ScalerConfig, ConfigError> {
+    let grpc_addr = parse_socket_addr(
+        "SCALER_GRPC_ADDR",
+        non_empty(&args.scaler_grpc_addr).unwrap_or("0.0.0.0:6000"),
+    )?;
+    let management_endpoint = match non_empty(&args.management_endpoint) {
+        Some(value) => parse_management_endpoint(value)?,
+        None => default_management_endpoint(namespace)?,
+    };
+    let cache_ttl = parse_duration_setting(
+        "SCALER_CACHE_TTL",
+        &args.scaler_cache_ttl,
+        Duration::from_secs(5),
+    )?;
+    if cache_ttl.is_zero() {
+        return Err(ConfigError::new("SCALER_CACHE_TTL", "must be more than 0"));
+    }
+    let max_staleness = parse_duration_setting(
+        "SCALER_MAX_STALENESS",
+        &args.scaler_max_staleness,
+        Duration::from_secs(60),
+    )?;
+    let queues = match non_empty(&args.scaler_queues) {
+        Some(list) => {
+            let mut queues = Vec::new();
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                validate_entity_name(name)
+                    .map_err(|problem| ConfigError::new("SCALER_QUEUES", problem))?;
+                queues.push(name.to_string());
+            }
+            queues
+        }
+        None => match non_empty(&args.queue_name) {
+            Some(_) => vec![parse_queue_name(args)?],
+            None => Vec::new(),
+        },
+    };
+    let tls = parse_scaler_tls(args)?;
+    Ok(ScalerConfig {
+        grpc_addr,
+        management_endpoint,
+        cache_ttl,
+        max_staleness,
+        queues,
+        tls,
+    })
+}
+
+fn parse_management_endpoint(value: &str) -> Result<url::Url, ConfigError> {
+    const SETTING: &str = "AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT";
+    let mut url = url::Url::parse(value)
+        .map_err(|err| ConfigError::new(SETTING, format!("invalid URL {value:?}: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("{value:?} must be an http:// or https:// URL with a host"),
+        ));
+    }
+    // A base URL: queue names are joined onto it.
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+fn default_management_endpoint(namespace: &Namespace) -> Result<url::Url, ConfigError> {
+    // Azure serves ATOM on 443 of the namespace host, whatever the AMQP port.
+    let base = match namespace.transport {
+        Transport::Tls => format!("https://{}/", namespace.host),
+        // The emulator serves its management API over plain HTTP on 5300.
+        Transport::Plain => format!("http://{}:5300/", namespace.host),
+    };
+    parse_management_endpoint(&base)
+}
+
+fn parse_scaler_tls(args: &Args) -> Result<Option<ScalerTlsConfig>, ConfigError> {
+    let cert = non_empty(&args.scaler_tls_cert_file).map(PathBuf::from);
+    let key = non_empty(&args.scaler_tls_key_file).map(PathBuf::from);
+    let client_ca = non_empty(&args.scaler_tls_client_ca_file).map(PathBuf::from);
+    match (cert, key) {
+        (Some(cert_file), Some(key_file)) => {
+            check_readable("SCALER_TLS_CERT_FILE", &cert_file)?;
+            check_readable("SCALER_TLS_KEY_FILE", &key_file)?;
+            if let Some(ca) = &client_ca {
+                check_readable("SCALER_TLS_CLIENT_CA_FILE", ca)?;
+            }
+            Ok(Some(ScalerTlsConfig {
+                cert_file,
+                key_file,
+                client_ca_file: client_ca,
+            }))
+        }
+        (None, None) if client_ca.is_some() => Err(ConfigError::new(
+            "SCALER_TLS_CLIENT_CA_FILE",
+            "needs SCALER_TLS_CERT_FILE and SCALER_TLS_KEY_FILE",
+        )),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::new(
+            "SCALER_TLS_KEY_FILE",
+            "not set, but SCALER_TLS_CERT_FILE is",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            "SCALER_TLS_CERT_FILE",
+            "not set, but SCALER_TLS_KEY_FILE is",
+        )),
+    }
+}
+
+fn parse_socket_addr(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::new(
+            setting,
+            format!("invalid address {value:?}: expected IP:PORT, e.g. 0.0.0.0:8080"),
+        )
+    })
+}
+
+fn parse_number<T>(
+    setting: &'static str,
+    value: &Option<String>,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T: FromStr,
+{
+    let Some(raw) = non_empty(value) else {
+        return Ok(default);
+    };
+    if raw.starts_with('-') {
+        return Err(ConfigError::new(
+            setting,
+            format!("invalid value {raw:?}: must not be negative"),
+        ));
+    }
+    raw.parse().map_err(|_| {
+        ConfigError::new(
+            setting,
+            format!("invalid value {raw:?}: expected a whole number"),
+        )
+    })
+}
+
+fn parse_duration_setting(
+    setting: &'static str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match non_empty(value) {
+        Some(raw) => parse_duration(raw).map_err(|problem| ConfigError::new(setting, problem)),
+        None => Ok(default),
+    }
+}
+
+/// Durations as `500ms`, `30s`, `2m`, `1h` (humantime; combinations like `1m30s` too).
+/// A bare number is refused: its unit would be a guess.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    if raw.starts_with('-') {
+        return Err(format!("invalid duration {raw:?}: must not be negative"));
+    }
+    if raw.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "invalid duration {raw:?}: add a unit, e.g. {raw}s or {raw}ms"
+        ));
+    }
+    humantime::parse_duration(raw)
+        .map_err(|err| format!("invalid duration {raw:?}: {err} (examples: 500ms, 30s, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(pairs: &[&str]) -> Args {
+        let mut argv = vec!["servicebusdemo"];
+        argv.extend_from_slice(pairs);
+        Args::try_parse_from(argv).expect("test arguments parse")
+    }
+
+    fn sas() -> &'static str {
+        "--connection-string=Endpoint=sb://localhost:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true"
+    }
+
+    fn err(pairs: &[&str]) -> ConfigError {
+        Config::from_args(args(pairs)).expect_err("configuration must be refused")
+    }
+
+    #[test]
+    fn tutorial_producer_with_workload_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "x.y.z").expect("write token");
+        let token_arg = format!("--federated-token-file={}", token.display());
+        let config = Config::from_args(args(&[
+            "producer",
+            "--hostname=MyNs.servicebus.windows.net",
+            "--queue-name=orders",
+            "--message-count=100",
+            "--client-id=cid",
+            "--tenant-id=tid",
+            &token_arg,
+            "--authority-host=https://login.microsoftonline.com/",
+        ]))
+        .expect("valid");
+        assert_eq!(config.common.namespace.host, "myns.servicebus.windows.net");
+        assert_eq!(config.common.namespace.port, 5671);
+        assert_eq!(config.common.namespace.transport, Transport::Tls);
+        assert!(matches!(
+            config.common.auth,
+            AuthConfig::WorkloadIdentity { ref client_id, .. } if client_id == "cid"
+        ));
+        let ModeConfig::Producer(p) = config.mode else {
+            panic!("producer expected")
+        };
+        assert_eq!(p.message_count, 100);
+        assert_eq!(p.body, "Hello World!");
+    }
+
+    #[test]
+    fn emulator_connection_string_means_plain_amqp() {
+        let config =
+            Config::from_args(args(&["consumer", sas(), "--queue-name=queue.1"])).expect("valid");
+        assert_eq!(config.common.namespace.transport, Transport::Plain);
+        assert_eq!(config.common.namespace.port, 5672);
+        let ModeConfig::Consumer(c) = config.mode else {
+            panic!("consumer expected")
+        };
+        assert_eq!(c.message_count, 0);
+        assert_eq!(c.idle_timeout, None, "continuous worker never idles out");
+    }
+
+    #[test]
+    fn emulator_without_port_uses_5672_and_azure_uses_5671() {
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .expect("valid");
+        assert_eq!(cs.namespace.port, 5672);
+        let cs = ConnectionString::parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=a+b/c==;EntityPath=q",
+        )
+        .expect("valid");
+        assert_eq!(cs.namespace.port, 5671);
+        assert_eq!(cs.namespace.transport, Transport::Tls);
+        assert_eq!(cs.entity_path.as_deref(), Some("q"));
+        assert_eq!(
+            cs.auth,
+            AuthConfig::SharedAccessKey(SharedAccessKey {
+                key_name: "k".into(),
+                key: "a+b/c==".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_connection_strings_are_refused_without_echoing_the_key() {
+        for bad in [
+            "garbage",
+            "Endpoint=http://x;SharedAccessKeyName=k;SharedAccessKey=v",
+            "Endpoint=sb://x;SharedAccessKeyName=k",
+            "SharedAccessKeyName=k;SharedAccessKey=v",
+            "Endpoint=sb://x;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=maybe",
+            "Endpoint=sb://x/path;SharedAccessKeyName=k;SharedAccessKey=v",
+            "Endpoint=sb://x;SharedAccessKeyName=k;SharedAccessKey=v;Bogus=1",
+        ] {
+            let err = ConnectionString::parse(bad).expect_err(bad);
+            assert_eq!(err.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
+            assert!(err.problem.starts_with("malformed"), "{bad}: {err}");
+            assert!(!err.to_string().contains("SharedAccessKey=v"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["producer", sas(), "--queue-name=q", "--message-count=abc"],
+                "MESSAGE_COUNT",
+            ),
+            (
+                &["producer", sas(), "--queue-name=q", "--message-count=-5"],
+                "MESSAGE_COUNT",
+            ),
+            (&["producer", sas()], "AZURE_SERVICEBUS_QUEUE_NAME"),
+            (
+                &["producer", sas(), "--queue-name=bad name"],
+                "AZURE_SERVICEBUS_QUEUE_NAME",
+            ),
+            (
+                &[
+                    "producer",
+                    "--hostname=https://ns.servicebus.windows.net",
+                    "--queue-name=q",
+                ],
+                "AZURE_SERVICEBUS_HOSTNAME",
+            ),
+            (&["producer", "--queue-name=q"], "AZURE_SERVICEBUS_HOSTNAME"),
+            (
+                &["producer", sas(), "--hostname=ns", "--queue-name=q"],
+                "AZURE_SERVICEBUS_CONNECTION_STRING",
+            ),
+            (
+                &["--operation-mode=sideways", sas(), "--queue-name=q"],
+                "OPERATION_MODE",
+            ),
+            (&[sas(), "--queue-name=q"], "OPERATION_MODE"),
+            (
+                &[
+                    "consumer",
+                    sas(),
+                    "--queue-name=q",
+                    "--consumer-idle-timeout=30",
+                ],
+                "CONSUMER_IDLE_TIMEOUT",
+            ),
+            (
+                &[
+                    "consumer",
+                    sas(),
+                    "--queue-name=q",
+                    "--processing-delay=soon",
+                ],
+                "PROCESSING_DELAY",
+            ),
+            (
+                &["consumer", sas(), "--queue-name=q", "--prefetch=lots"],
+                "PREFETCH",
+            ),
+            (
+                &[
+                    "producer",
+                    sas(),
+                    "--queue-name=q",
+                    "--metrics-addr=localhost",
+                ],
+                "METRICS_ADDR",
+            ),
+            (
+                &["producer", sas(), "--queue-name=q", "--log-format=xml"],
+                "LOG_FORMAT",
+            ),
+            (
+                &["producer", sas(), "--queue-name=q", "--log-filter=[[["],
+                "RUST_LOG",
+            ),
+            (
+                &["producer", sas(), "--queue-name=q", "--message-size=3"],
+                "MESSAGE_SIZE",
+            ),
+            (
+                &[
+                    "producer",
+                    "--hostname=ns.servicebus.windows.net",
+                    "--queue-name=q",
+                    "--federated-token-file=/nonexistent/token",
+                    "--client-id=c",
+                    "--tenant-id=t",
+                ],
+                "AZURE_FEDERATED_TOKEN_FILE",
+            ),
+            (
+                &[
+                    "producer",
+                    "--hostname=ns.servicebus.windows.net",
+                    "--queue-name=q",
+                    "--federated-token-file=/nonexistent/token",
+                    "--client-id=c",
+                ],
+                "AZURE_TENANT_ID",
+            ),
+            (
+                &[
+                    "producer",
+                    "--hostname=ns.servicebus.windows.net",
+                    "--queue-name=q",
+                    "--authority-host=http://login",
+                ],
+                "AZURE_AUTHORITY_HOST",
+            ),
+            (
+                &["scaler", sas(), "--scaler-grpc-addr=:6000"],
+                "SCALER_GRPC_ADDR",
+            ),
+            (
+                &["scaler", sas(), "--management-endpoint=ftp://x"],
+                "AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT",
+            ),
+            (
+                &["scaler", sas(), "--scaler-tls-cert-file=/etc/hostname"],
+                "SCALER_TLS_KEY_FILE",
+            ),
+            (
+                &["scaler", sas(), "--scaler-cache-ttl=0s"],
+                "SCALER_CACHE_TTL",
+            ),
+        ];
+        for (argv, setting) in cases {
+            let err = err(argv);
+            assert_eq!(err.setting, *setting, "{argv:?} -> {err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn subcommand_and_env_mode_must_agree() {
+        let err = err(&[
+            "consumer",
+            "--operation-mode=producer",
+            sas(),
+            "--queue-name=q",
+        ]);
+        assert_eq!(err.setting, "OPERATION_MODE");
+        let ok = Config::from_args(args(&[
+            "consumer",
+            "--operation-mode=Consumer",
+            sas(),
+            "--queue-name=q",
+        ]))
+        .expect("same mode twice is fine");
+        assert_eq!(ok.mode(), Mode::Consumer);
+    }
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn message_size_pads_the_body() {
+        let body = pad_body("Hello World!", 20).expect("valid");
+        assert_eq!(body.len(), 20);
+        assert!(body.starts_with("Hello World!"));
+        assert!(pad_body("Hello World!", MAX_MESSAGE_SIZE + 1).is_err());
+    }
+
+    #[test]
+    fn hostname_accepts_host_port_for_local_brokers() {
+        let ns = parse_hostname("localhost:5671").expect("valid");
+        assert_eq!((ns.host.as_str(), ns.port), ("localhost", 5671));
+        assert!(parse_hostname("localhost:notaport").is_err());
+        assert!(parse_hostname("ns.servicebus.windows.net/queue").is_err());
+    }
+
+    #[test]
+    fn dead_letter_sub_queue_is_a_valid_queue_name() {
+        assert!(validate_entity_name("orders/$DeadLetterQueue").is_ok());
+        assert!(validate_entity_name("orders/$other").is_err());
+        assert!(validate_entity_name("/$DeadLetterQueue").is_err());
+    }
+
+    #[test]
+    fn scaler_defaults() {
+        let config = Config::from_args(args(&[
+            "scaler",
+            "--hostname=ns.servicebus.windows.net",
+            "--queue-name=orders",
+        ]))
+        .expect("valid");
+        let ModeConfig::Scaler(s) = config.mode else {
+            panic!("scaler expected")
+        };
+        assert_eq!(
+            s.grpc_addr,
+            "0.0.0.0:6000".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            s.management_endpoint.as_str(),
+            "https://ns.servicebus.windows.net/"
+        );
+        assert_eq!(s.cache_ttl, Duration::from_secs(5));
+        assert_eq!(s.queues, vec!["orders".to_string()]);
+        assert_eq!(s.tls, None);
+        assert_eq!(config.common.metrics_addr.port(), 8080);
+    }
+
+    #[test]
+    fn management_endpoint_becomes_a_base_url() {
+        let url = parse_management_endpoint("https://localhost:5443/sb").expect("valid");
+        assert_eq!(
+            url.join("q1").expect("join").as_str(),
+            "https://localhost:5443/sb/q1"
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let config =
+            Config::from_args(args(&["producer", sas(), "--queue-name=q"])).expect("valid");
+        assert!(!format!("{config:?}").contains("SAS_KEY_VALUE"));
+    }
+}

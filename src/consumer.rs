@@ -1,1 +1,474 @@
-//! TODO
+//! The consumer: a Job that takes MESSAGE_COUNT messages (or, with 0, a worker that runs until
+//! stopped), logs each, and completes it after processing.
+//!
+//! - Credit (prefetch) never exceeds the messages still wanted, so one Job does not lock
+//!   messages that the other Jobs of a ScaledJob should get.
+//! - A body that is not text is dead-lettered (`UndecodableBody`); processing that fails is
+//!   abandoned and retried, then dead-lettered (`ProcessingFailed`) once it has been tried
+//!   MAX_PROCESSING_ATTEMPTS times. Dead-lettered messages count toward MESSAGE_COUNT.
+//! - On SIGTERM: no new credit, the message being processed and every prefetched one are
+//!   abandoned (redelivered at once to someone else), finished ones are already settled.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::auth::Credentials;
+use crate::config::{CommonConfig, ConsumerConfig};
+use crate::servicebus::{retry, QueueReceiver, ReceivedMessage, ServiceBusError};
+use crate::telemetry::{Metrics, Readiness, SettleOutcome};
+
+/// How long a continuous worker waits in one receive call before looking around again.
+const CONTINUOUS_WAIT: Duration = Duration::from_secs(60);
+/// How long to wait for prefetched messages still in flight when stopping.
+const DRAIN_WAIT: Duration = Duration::from_millis(300);
+/// Renew a lock this long before it expires (or at half its remaining time, if shorter).
+const RENEW_MARGIN: Duration = Duration::from_secs(10);
+/// Below this much lock time left, a renewal is not attempted.
+const MIN_RENEW_WINDOW: Duration = Duration::from_millis(200);
+
+/// Why the consumer stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// MESSAGE_COUNT messages were handled.
+    Done,
+    /// The queue stayed empty for CONSUMER_IDLE_TIMEOUT.
+    Idle,
+    /// SIGTERM / SIGINT.
+    Signal,
+}
+
+/// What the run did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub completed: u64,
+    pub dead_lettered: u64,
+    pub abandoned: u64,
+    pub stop: StopReason,
+}
+
+/// What happened to one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disposition {
+    Completed,
+    DeadLettered,
+    /// Given back for another attempt (processing failed, or we are stopping).
+    Abandoned,
+}
+
+/// The credit to grant: at least one (to receive at all), at most PREFETCH, never more
+/// than the messages still wanted (`None` = unbounded, the continuous worker).
+pub fn desired_credit(prefetch: u32, still_wanted: Option<u64>) -> u32 {
+    let base = prefetch.max(1);
+    match still_wanted {
+        Some(wanted) => base.min(u32::try_from(wanted).unwrap_or(u32::MAX)),
+        None => base,
+    }
+}
+
+struct Consumer<'a> {
+    config: &'a ConsumerConfig,
+    common: &'a CommonConfig,
+    credentials: Arc<Credentials>,
+    metrics: Arc<Metrics>,
+    summary: Summary,
+    /// Received but not finished when a stop was requested.
+    unfinished: Vec<ReceivedMessage>,
+}
+
+pub async fn run(
+    config: &ConsumerConfig,
+    common: &CommonConfig,
+    credentials: Arc<Credentials>,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, ServiceBusError> {
+    let mut consumer = Consumer {
+        config,
+        common,
+        credentials,
+        metrics,
+        summary: Summary {
+            completed: 0,
+            dead_lettered: 0,
+            abandoned: 0,
+            stop: StopReason::Done,
+        },
+        unfinished: Vec::new(),
+    };
+    tokio::pin!(shutdown);
+    let mut receiver = tokio::select! {
+        opened = consumer.open() => opened?,
+        () = &mut shutdown => {
+            consumer.summary.stop = StopReason::Signal;
+            return Ok(consumer.summary);
+        }
+    };
+    readiness.set_ready(true);
+    let stop = consumer.receive_loop(&mut receiver, &mut shutdown).await;
+    readiness.set_ready(false);
+    let stop = match stop {
+        Ok(stop) => stop,
+        Err(err) => {
+            receiver.close().await;
+            return Err(err);
+        }
+    };
+    consumer.summary.stop = stop;
+    consumer.release_prefetched(&mut receiver).await;
+    receiver.close().await;
+    let summary = consumer.summary;
+    tracing::info!(
+        completed = summary.completed,
+        dead_lettered = summary.dead_lettered,
+        abandoned = summary.abandoned,
+        reason = ?summary.stop,
+        "consumer finished"
+    );
+    Ok(summary)
+}
+
+impl Consumer<'_> {
+    fn finished(&self) -> u64 {
+        self.summary.completed + self.summary.dead_lettered
+    }
+
+    fn still_wanted(&self) -> Option<u64> {
+        (self.config.message_count > 0)
+            .then(|| self.config.message_count.saturating_sub(self.finished()))
+    }
+
+    async fn open(&self) -> Result<QueueReceiver, ServiceBusError> {
+        retry("connect", &self.common.retry, |attempt| {
+            if attempt > 0 {
+                self.metrics.reconnect();
+            }
+            QueueReceiver::open(
+                &self.common.namespace,
+                self.credentials.clone(),
+                &self.config.queue,
+                self.common.operation_timeout,
+            )
+        })
+        .await
+    }
+
+    async fn reconnect(
+        &self,
+        receiver: &mut QueueReceiver,
+        cause: &ServiceBusError,
+    ) -> Result<(), ServiceBusError> {
+        tracing::warn!(error = %cause, "connection lost; reconnecting");
+        self.metrics.reconnect();
+        let fresh = self.open().await?;
+        let old = std::mem::replace(receiver, fresh);
+        old.close().await;
+        Ok(())
+    }
+
+    async fn receive_loop(
+        &mut self,
+        receiver: &mut QueueReceiver,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<StopReason, ServiceBusError> {
+        let mut last_message = Instant::now();
+        loop {
+            let still_wanted = self.still_wanted();
+            if still_wanted == Some(0) {
+                return Ok(StopReason::Done);
+            }
+            let credit = desired_credit(self.config.prefetch, still_wanted);
+            if receiver.credit() < credit {
+                if let Err(err) = receiver.set_credit(credit).await {
+                    self.reconnect(receiver, &err).await?;
+                    continue;
+                }
+            }
+            let wait = match self.config.idle_timeout {
+                Some(idle) => idle.saturating_sub(last_message.elapsed()),
+                None => CONTINUOUS_WAIT,
+            };
+            if wait.is_zero() {
+                tracing::info!(
+                    idle_timeout = ?self.config.idle_timeout,
+                    "no message within the idle timeout; exiting"
+                );
+                return Ok(StopReason::Idle);
+            }
+            let received = tokio::select! {
+                () = shutdown.as_mut() => {
+                    tracing::info!("stop requested; taking no more messages");
+                    return Ok(StopReason::Signal);
+                }
+                received = receiver.receive(wait) => received,
+            };
+            match received {
+                Ok(Some(message)) => {
+                    last_message = Instant::now();
+                    let stopped = self.handle(receiver, message, shutdown).await?;
+                    if stopped {
+                        return Ok(StopReason::Signal);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) if err.is_transient() => self.reconnect(receiver, &err).await?,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Process and settle one message. Returns true when a stop was requested meanwhile.
+    async fn handle(
+        &mut self,
+        receiver: &mut QueueReceiver,
+        mut message: ReceivedMessage,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, ServiceBusError> {
+        let queue = self.config.queue.as_str();
+        self.metrics.message_received(queue, 1);
+        let started = Instant::now();
+        let text = match message.body.as_text() {
+            Ok(text) => text.to_string(),
+            Err(reason) => {
+                tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), %reason, "undecodable message");
+                self.settle(
+                    receiver,
+                    &message,
+                    Disposition::DeadLettered,
+                    "UndecodableBody",
+                    &reason,
+                )
+                .await?;
+                return Ok(false);
+            }
+        };
+        tracing::info!(
+            message_id = message.message_id.as_deref().unwrap_or(""),
+            delivery_count = message.delivery_count,
+            "Received message: {}",
+            text.trim_end()
+        );
+        let processed = tokio::select! {
+            () = shutdown.as_mut() => None,
+            processed = self.process(receiver, &mut message, &text) => Some(processed),
+        };
+        self.metrics.observe_processing(queue, started.elapsed());
+        match processed {
+            None => {
+                tracing::info!(
+                    message_id = message.message_id.as_deref().unwrap_or(""),
+                    "stop requested during processing"
+                );
+                // Abandoned with the prefetched ones once the flow has stopped, so the broker
+                // cannot hand it straight back to this link.
+                self.unfinished.push(message);
+                Ok(true)
+            }
+            Some(Ok(())) => {
+                self.settle(receiver, &message, Disposition::Completed, "", "")
+                    .await?;
+                Ok(false)
+            }
+            Some(Err(reason)) => {
+                let attempts = message.delivery_count;
+                let max = self.config.max_processing_attempts;
+                if attempts >= max {
+                    tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), attempts, %reason,
+                        "processing failed on the last attempt; dead-lettering");
+                    let description = format!("{reason} (attempt {attempts} of {max})");
+                    self.settle(
+                        receiver,
+                        &message,
+                        Disposition::DeadLettered,
+                        "ProcessingFailed",
+                        &description,
+                    )
+                    .await?;
+                } else {
+                    tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), attempts, %reason,
+                        "processing failed; abandoning for another attempt");
+                    self.settle(receiver, &message, Disposition::Abandoned, "", "")
+                        .await?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// The work: PROCESSING_DELAY, renewing the lock when the work outlasts it.
+    async fn process(
+        &self,
+        receiver: &mut QueueReceiver,
+        message: &mut ReceivedMessage,
+        text: &str,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + self.config.processing_delay;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let work_left = deadline - now;
+            match message.locked_until.and_then(renew_in) {
+                Some(renew) if renew < work_left => {
+                    tokio::time::sleep(renew).await;
+                    match receiver.renew_lock(message).await {
+                        Ok(until) => {
+                            tracing::debug!(
+                                message_id = message.message_id.as_deref().unwrap_or(""),
+                                "lock renewed"
+                            );
+                            message.locked_until = Some(until);
+                        }
+                        Err(err) => {
+                            // Keep working and retry before the lock runs out; if it is
+                            // really gone the message comes back to someone.
+                            tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), error = %err, "lock renewal failed");
+                        }
+                    }
+                }
+                _ => tokio::time::sleep(work_left).await,
+            }
+        }
+        match &self.config.processing_fail_match {
+            Some(pattern) if text.contains(pattern.as_str()) => {
+                Err(format!("body matches PROCESSING_FAIL_MATCH {pattern:?}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        receiver: &mut QueueReceiver,
+        message: &ReceivedMessage,
+        disposition: Disposition,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), ServiceBusError> {
+        // Settling on an expired lock has no effect on the broker, and fe2o3 would not tell
+        // us: say so instead of counting the message as done.
+        if message
+            .locked_until
+            .is_some_and(|until| until <= SystemTime::now())
+        {
+            tracing::warn!(
+                message_id = message.message_id.as_deref().unwrap_or(""),
+                "the lock expired before settlement; Service Bus delivers the message again"
+            );
+            return Ok(());
+        }
+        let started = Instant::now();
+        let settled = match disposition {
+            Disposition::Completed => receiver.complete(message).await,
+            Disposition::Abandoned => receiver.abandon(message).await,
+            Disposition::DeadLettered => receiver.dead_letter(message, reason, description).await,
+        };
+        if let Err(err) = settled {
+            // The lock belongs to the lost link; the message returns after its lock expires.
+            if err.is_transient() {
+                self.reconnect(receiver, &err).await?;
+                return Ok(());
+            }
+            return Err(err);
+        }
+        self.record(disposition, started);
+        Ok(())
+    }
+
+    /// Count a settlement in the summary and the metrics.
+    fn record(&mut self, disposition: Disposition, started: Instant) {
+        let queue = self.config.queue.as_str();
+        self.metrics.observe_settle(queue, started.elapsed());
+        let outcome = match disposition {
+            Disposition::Completed => {
+                self.summary.completed += 1;
+                SettleOutcome::Completed
+            }
+            Disposition::DeadLettered => {
+                self.summary.dead_lettered += 1;
+                SettleOutcome::DeadLettered
+            }
+            Disposition::Abandoned => {
+                self.summary.abandoned += 1;
+                SettleOutcome::Abandoned
+            }
+        };
+        self.metrics.message_settled(queue, outcome);
+    }
+
+    /// Give back the unfinished message and whatever was prefetched.
+    ///
+    /// Order matters: first take in everything the broker already sent (credit is not
+    /// renewed, so this ends), then withdraw the remaining credit, then abandon. Withdrawing
+    /// first would make fe2o3 refuse the transfers already on their way (beyond credit), and
+    /// abandoning first would let the broker hand the messages straight back to this link.
+    async fn release_prefetched(&mut self, receiver: &mut QueueReceiver) {
+        // Local credit counts what the broker may still send plus what is buffered here.
+        while receiver.credit() > 0 {
+            match receiver.receive(DRAIN_WAIT).await {
+                Ok(Some(message)) => self.unfinished.push(message),
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::debug!(error = %err, "drain stopped");
+                    break;
+                }
+            }
+        }
+        if let Err(err) = receiver.set_credit(0).await {
+            tracing::debug!(error = %err, "could not withdraw credit");
+        }
+        for message in std::mem::take(&mut self.unfinished) {
+            tracing::info!(
+                message_id = message.message_id.as_deref().unwrap_or(""),
+                "abandoning unprocessed message"
+            );
+            let started = Instant::now();
+            match receiver.abandon(&message).await {
+                Ok(()) => self.record(Disposition::Abandoned, started),
+                Err(err) => {
+                    tracing::warn!(error = %err, "abandon failed; the message returns when its lock expires");
+                }
+            }
+        }
+    }
+}
+
+/// How long until a lock held until `locked_until` should be renewed (`None` if unknown
+/// or already past: renewing would fail anyway).
+fn renew_in(locked_until: SystemTime) -> Option<Duration> {
+    let remaining = locked_until.duration_since(SystemTime::now()).ok()?;
+    // Too late to be worth a round trip.
+    if remaining < MIN_RENEW_WINDOW {
+        return None;
+    }
+    let margin = RENEW_MARGIN.min(remaining / 2);
+    Some(remaining - margin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_never_exceeds_what_is_still_wanted() {
+        assert_eq!(desired_credit(0, Some(10)), 1);
+        assert_eq!(desired_credit(20, Some(10)), 10);
+        assert_eq!(desired_credit(20, Some(3)), 3);
+        assert_eq!(desired_credit(5, Some(10)), 5);
+        assert_eq!(desired_credit(0, None), 1);
+        assert_eq!(desired_credit(50, None), 50);
+    }
+
+    #[test]
+    fn renewal_happens_before_the_lock_expires() {
+        let in_60s = SystemTime::now() + Duration::from_secs(60);
+        let renew = renew_in(in_60s).expect("renewable");
+        assert!(renew <= Duration::from_secs(50) && renew >= Duration::from_secs(49));
+        let in_4s = SystemTime::now() + Duration::from_secs(4);
+        let renew = renew_in(in_4s).expect("renewable");
+        assert!(renew <= Duration::from_secs(2));
+        assert_eq!(renew_in(SystemTime::now() - Duration::from_secs(1)), None);
+    }
+}

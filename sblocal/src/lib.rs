@@ -8,8 +8,18 @@
 //! - [`config`]: queue definitions from the emulator's `Config.json`.
 //! - [`tls`], [`entra`], [`atom`], [`http`]: certificates, the token endpoint, the management (ATOM)
 //!   endpoint, and the HTTP listeners with their fault-injection routes.
+//! - [`identities`], [`jwt`], [`faults`]: identities and role assignments, ES256 tokens, fault switches.
+//! - [`server`]: the `serve` command: listeners, wiring, the files written for clients.
 
 pub mod amqp;
+pub mod atom;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod entra;
+pub mod faults;
+pub mod http;
+pub mod identities;
+pub mod jwt;
+pub mod server;
+pub mod tls;

@@ -2,13 +2,27 @@
 //!
 //! The process layer (listeners, HTTP, fault switches) talks to the broker only through [`Broker`].
 
-use std::sync::Arc;
-use std::time::Duration;
+pub mod address;
+pub mod connection;
+pub mod message;
+pub mod queue;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
+use crate::amqp::EngineConfig;
 use crate::auth::TokenValidator;
 use crate::config::QueueSpec;
+use connection::{BrokerConnection, ConnectionControl};
+use queue::Queue;
+
+/// How often expired locks and messages are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Counts for one queue, as Service Bus reports them in `CountDetails`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,15 +38,34 @@ pub struct QueueStats {
 
 /// The in-memory Service Bus namespace.
 pub struct Broker {
-    queues: Vec<QueueSpec>,
-    _validator: Arc<dyn TokenValidator>,
+    /// Queues in configuration order; looked up case-insensitively like Service Bus entities.
+    queues: Vec<Arc<Queue>>,
+    by_name: HashMap<String, Arc<Queue>>,
+    validator: Arc<dyn TokenValidator>,
+    connections: Mutex<Vec<Weak<ConnectionControl>>>,
+    busy_until: Mutex<Option<Instant>>,
+    sweeper_started: OnceLock<()>,
+    engine: EngineConfig,
 }
 
 impl Broker {
     pub fn new(queues: Vec<QueueSpec>, validator: Arc<dyn TokenValidator>) -> Arc<Self> {
+        let queues: Vec<Arc<Queue>> = queues
+            .into_iter()
+            .map(|spec| Arc::new(Queue::new(spec)))
+            .collect();
+        let by_name = queues
+            .iter()
+            .map(|queue| (queue.spec.name.to_ascii_lowercase(), queue.clone()))
+            .collect();
         Arc::new(Self {
             queues,
-            _validator: validator,
+            by_name,
+            validator,
+            connections: Mutex::new(Vec::new()),
+            busy_until: Mutex::new(None),
+            sweeper_started: OnceLock::new(),
+            engine: EngineConfig::default(),
         })
     }
 
@@ -41,34 +74,100 @@ impl Broker {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        drop(stream);
+        self.start_sweeper();
+        let control = Arc::new(ConnectionControl {
+            wake: Arc::new(Notify::new()),
+            kill: AtomicBool::new(false),
+        });
+        self.register(&control);
+        let handler = BrokerConnection::new(self.clone(), control.clone());
+        let result = crate::amqp::serve(stream, handler, control.wake.clone(), &self.engine).await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+
+    fn register(&self, control: &Arc<ConnectionControl>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|c| c.strong_count() > 0);
+        connections.push(Arc::downgrade(control));
+    }
+
+    /// Sweeps expired locks and messages in the background for as long as the broker lives.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper_started.set(()).is_err() {
+            return;
+        }
+        let broker = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                interval.tick().await;
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                let now = SystemTime::now();
+                for queue in &broker.queues {
+                    queue.sweep(now);
+                }
+            }
+        });
+    }
+
+    pub(crate) fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.by_name.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    pub(crate) fn validator(&self) -> &dyn TokenValidator {
+        self.validator.as_ref()
+    }
+
+    pub(crate) fn is_busy(&self) -> bool {
+        let busy_until = self.busy_until.lock().unwrap_or_else(|p| p.into_inner());
+        busy_until.is_some_and(|until| Instant::now() < until)
     }
 
     /// Runtime counts for `queue`, or `None` when no such queue exists.
     pub fn queue_stats(&self, queue: &str) -> Option<QueueStats> {
-        self.queues
-            .iter()
-            .find(|spec| spec.name == queue)
-            .map(|spec| QueueStats {
-                spec: spec.clone(),
-                active_messages: 0,
-                dead_letter_messages: 0,
-                scheduled_messages: 0,
-                size_in_bytes: 0,
-            })
+        let queue = self.queue(queue)?;
+        let counts = queue.counts();
+        Some(QueueStats {
+            spec: queue.spec.clone(),
+            active_messages: counts.active,
+            dead_letter_messages: counts.dead_letter,
+            scheduled_messages: counts.scheduled,
+            size_in_bytes: counts.size_bytes,
+        })
     }
 
     /// Names of all queues, in configuration order.
     pub fn queue_names(&self) -> Vec<String> {
-        self.queues.iter().map(|spec| spec.name.clone()).collect()
+        self.queues
+            .iter()
+            .map(|queue| queue.spec.name.clone())
+            .collect()
     }
 
     /// Fault: close every open client connection now (with an AMQP close carrying an error).
-    pub fn drop_all_connections(&self) {}
+    pub fn drop_all_connections(&self) {
+        let connections =
+            std::mem::take(&mut *self.connections.lock().unwrap_or_else(|p| p.into_inner()));
+        for control in connections.iter().filter_map(Weak::upgrade) {
+            control.kill.store(true, Ordering::Release);
+            control.wake.notify_one();
+        }
+    }
 
     /// Fault: answer every send with `com.microsoft:server-busy` for `duration`.
-    pub fn server_busy_for(&self, _duration: Duration) {}
+    pub fn server_busy_for(&self, duration: Duration) {
+        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + duration);
+    }
 
     /// Fault: expire every message lock now (the messages become available again).
-    pub fn expire_all_locks(&self) {}
+    pub fn expire_all_locks(&self) {
+        for queue in &self.queues {
+            queue.expire_all_locks();
+        }
+    }
 }

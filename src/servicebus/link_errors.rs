@@ -1,0 +1,82 @@
+//! Translation of fe2o3's link, session and connection errors into [`ServiceBusError`].
+
+use fe2o3_amqp::connection::ConnectionStopReason;
+use fe2o3_amqp::link::{
+    DetachError, LinkStateError, ReceiverAttachError, RecvError, SendError, SenderAttachError,
+    SessionStopReason,
+};
+
+use super::ServiceBusError;
+
+pub fn session_stopped(context: &str, reason: &SessionStopReason) -> ServiceBusError {
+    match reason {
+        SessionStopReason::RemoteEndedWithError(err) | SessionStopReason::EndedWithError(err) => {
+            ServiceBusError::from_amqp(context, err)
+        }
+        SessionStopReason::ConnectionStopped(ConnectionStopReason::RemoteClosedWithError(err)) => {
+            match ServiceBusError::from_amqp(context, err) {
+                // Whatever the condition, a closed connection can be reopened.
+                ServiceBusError::Protocol(detail) => ServiceBusError::Disconnected(detail),
+                classified => classified,
+            }
+        }
+        other => ServiceBusError::Disconnected(format!("{context}: {other:?}")),
+    }
+}
+
+pub fn detach(context: &str, err: &DetachError) -> ServiceBusError {
+    match err {
+        DetachError::RemoteDetachedWithError(e) | DetachError::RemoteClosedWithError(e) => {
+            ServiceBusError::from_amqp(context, e)
+        }
+        DetachError::SessionStopped(reason) => session_stopped(context, reason),
+        other => ServiceBusError::Disconnected(format!("{context}: {other}")),
+    }
+}
+
+pub fn link_state(context: &str, err: &LinkStateError) -> ServiceBusError {
+    match err {
+        LinkStateError::RemoteDetachedWithError(e) | LinkStateError::RemoteClosedWithError(e) => {
+            ServiceBusError::from_amqp(context, e)
+        }
+        LinkStateError::SessionStopped(reason) => session_stopped(context, reason),
+        other => ServiceBusError::Disconnected(format!("{context}: {other}")),
+    }
+}
+
+pub fn sender_attach(context: &str, err: &SenderAttachError) -> ServiceBusError {
+    match err {
+        SenderAttachError::RemoteClosedWithError(e) => ServiceBusError::from_amqp(context, e),
+        SenderAttachError::SessionStopped(reason) => session_stopped(context, reason),
+        other => ServiceBusError::Disconnected(format!("{context}: {other}")),
+    }
+}
+
+pub fn receiver_attach(context: &str, err: &ReceiverAttachError) -> ServiceBusError {
+    match err {
+        ReceiverAttachError::RemoteClosedWithError(e) => ServiceBusError::from_amqp(context, e),
+        ReceiverAttachError::SessionStopped(reason) => session_stopped(context, reason),
+        other => ServiceBusError::Disconnected(format!("{context}: {other}")),
+    }
+}
+
+pub fn send(context: &str, err: &SendError) -> ServiceBusError {
+    match err {
+        SendError::LinkStateError(e) => link_state(context, e),
+        SendError::Detached(e) => detach(context, e),
+        SendError::MessageSizeExceeded(e) => {
+            ServiceBusError::MessageTooLarge(format!("{context}: {e}"))
+        }
+        other => ServiceBusError::Protocol(format!("{context}: {other}")),
+    }
+}
+
+pub fn recv(context: &str, err: &RecvError) -> ServiceBusError {
+    match err {
+        RecvError::LinkStateError(e) => link_state(context, e),
+        other if other.recovery().link_is_usable() => {
+            ServiceBusError::Protocol(format!("{context}: {other}"))
+        }
+        other => ServiceBusError::Disconnected(format!("{context}: {other}")),
+    }
+}

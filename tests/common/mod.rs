@@ -1,0 +1,356 @@
+//! Helpers for integration tests: a real `sblocal` broker in a temp dir, the real
+//! `servicebusdemo` binary as a child process, JSON log parsing, the broker's stats route.
+//!
+//! `sblocal` is found next to this crate's binary in the target directory; build it first
+//! with `cargo build -p sblocal`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Upper bound for any single child process in these tests (a safety net, not an assertion).
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn demo_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_servicebusdemo"))
+}
+
+/// `target/<profile>/sblocal`, next to our binary.
+pub fn sblocal_binary() -> PathBuf {
+    let demo = demo_binary();
+    let dir = demo.parent().expect("binary has a parent directory");
+    let path = dir.join("sblocal");
+    assert!(
+        path.exists(),
+        "{} not found: build the broker first with `cargo build -p sblocal`",
+        path.display()
+    );
+    path
+}
+
+/// A running `sblocal` with its directory and the env files it wrote.
+pub struct Broker {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub emulator_env: HashMap<String, String>,
+    pub workload_env: HashMap<String, String>,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(sblocal_binary())
+            .args(["serve", "--dir"])
+            .arg(dir.path())
+            .args([
+                "--amqp",
+                "127.0.0.1:0",
+                "--amqps",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--https",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sblocal");
+        let stdout = child.stdout.take().expect("sblocal stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.trim() == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("sblocal did not print `ready` within 30s");
+        }
+        let emulator_env = read_env_file(&dir.path().join("emulator.env"));
+        let workload_env = read_env_file(&dir.path().join("workload.env"));
+        Self {
+            child,
+            dir,
+            emulator_env,
+            workload_env,
+        }
+    }
+
+    pub fn queue(&self) -> String {
+        self.emulator_env["AZURE_SERVICEBUS_QUEUE_NAME"].clone()
+    }
+
+    /// Base URL of the plain HTTP port (ATOM, `/$admin/`).
+    pub fn http_base(&self) -> String {
+        self.emulator_env["AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT"]
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// `GET /$admin/stats` as JSON.
+    pub fn stats(&self) -> serde_json::Value {
+        let body = http(&self.http_base(), "GET", "/$admin/stats");
+        serde_json::from_str(&body).expect("stats JSON")
+    }
+
+    /// (active, dead-letter) counts of a queue.
+    pub fn counts(&self, queue: &str) -> (u64, u64) {
+        let stats = self.stats();
+        let q = &stats["queues"][queue];
+        (
+            q["active_messages"].as_u64().expect("active_messages"),
+            q["dead_letter_messages"]
+                .as_u64()
+                .expect("dead_letter_messages"),
+        )
+    }
+
+    /// POST a fault-injection route, e.g. `/$admin/drop-connections`.
+    pub fn fault(&self, path_and_query: &str) {
+        http(&self.http_base(), "POST", path_and_query);
+    }
+
+    /// Mint a service-account token like the kubelet projects it.
+    pub fn mint_token(&self, subject: &str, ttl_seconds: i64) -> String {
+        let output = Command::new(sblocal_binary())
+            .args(["token", "--dir"])
+            .arg(self.dir.path())
+            .args(["--sub", subject, "--ttl", &ttl_seconds.to_string()])
+            .output()
+            .expect("run sblocal token");
+        assert!(output.status.success(), "sblocal token failed: {output:?}");
+        String::from_utf8(output.stdout)
+            .expect("token is UTF-8")
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// KEY=VALUE lines; values are taken verbatim (connection strings contain `;` and `=`).
+pub fn read_env_file(path: &Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .collect()
+}
+
+/// A minimal HTTP/1.1 client for the broker's plain port (no TLS, no auth).
+fn http(base: &str, method: &str, path: &str) -> String {
+    let authority = base.trim_start_matches("http://");
+    let addr = authority.replace("localhost", "127.0.0.1");
+    let mut stream =
+        TcpStream::connect(&addr).unwrap_or_else(|err| panic!("connect {addr}: {err}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("HTTP response has a body");
+    assert!(head.starts_with("HTTP/1.1 2"), "{method} {path}: {head}");
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A `servicebusdemo` command with a clean environment plus `env`.
+pub fn demo_command(env: &HashMap<String, String>, extra: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(demo_binary());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("OPERATION_TIMEOUT", "10s")
+        .env("RETRY_BASE_DELAY", "100ms")
+        .env("RETRY_MAX_DELAY", "1s");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Run to completion (bounded by [`PROCESS_TIMEOUT`]).
+pub fn run_demo(env: &HashMap<String, String>, extra: &[(&str, &str)]) -> Output {
+    let child = demo_command(env, extra)
+        .spawn()
+        .expect("spawn servicebusdemo");
+    wait_output(child)
+}
+
+pub fn wait_output(mut child: Child) -> Output {
+    let started = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().expect("wait") {
+            return child.wait_with_output().expect("output");
+        }
+        if started.elapsed() > PROCESS_TIMEOUT {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "servicebusdemo did not finish within {PROCESS_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// JSON log lines of a run (other lines ignored).
+pub fn log_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&output.stderr).lines())
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .collect()
+}
+
+/// A field of a JSON log line, whether the formatter flattens fields or nests them.
+pub fn log_field<'a>(line: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    line.get(name)
+        .or_else(|| line.get("fields").and_then(|fields| fields.get(name)))
+}
+
+pub fn log_message(line: &serde_json::Value) -> &str {
+    log_field(line, "message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+}
+
+/// Message ids of the `Received message: ...` lines.
+pub fn received_ids(output: &Output) -> Vec<String> {
+    log_lines(output)
+        .iter()
+        .filter(|line| log_message(line).starts_with("Received message: "))
+        .map(|line| {
+            log_field(line, "message_id")
+                .and_then(|id| id.as_str())
+                .expect("message_id field")
+                .to_string()
+        })
+        .collect()
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+pub fn assert_success(output: &Output) {
+    assert!(output.status.success(), "{}", describe(output));
+}
+
+pub fn exit_code(status: ExitStatus) -> Option<i32> {
+    status.code()
+}
+
+/// Send SIGTERM to a child we started.
+pub fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM failed");
+}
+
+/// Lines of a child's stdout and stderr, merged, as they come (logs may go to either).
+pub struct LogStream {
+    lines: mpsc::Receiver<String>,
+}
+
+impl LogStream {
+    pub fn attach(child: &mut Child) -> Self {
+        let (tx, rx) = mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Self { lines: rx }
+    }
+
+    /// The next line, or `None` when both streams ended or nothing came for `wait`.
+    pub fn next_line(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
+    /// Everything until both streams end.
+    pub fn rest(self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+}
