@@ -17,6 +17,7 @@
 # Every process gets its own metrics port (picked by the OS); everything started here is stopped on
 # exit, Ctrl-C or SIGTERM. Logs and sblocal's files are kept under .demo/ (or --dir).
 # Exit status: 0 when every check passed, 1 when a stage or a check failed, 2 for bad options.
+# Needs bash 4.4+, a Rust toolchain and the usual coreutils; curl is used when present.
 #
 # Usage: scripts/demo.sh [options]
 #   -n, --messages N          messages the producer sends (default 100; env DEMO_MESSAGE_COUNT)
@@ -33,11 +34,16 @@
 #   -h, --help                this text
 set -Eeuo pipefail
 
+if [ "${BASH_VERSINFO[0]}" -lt 4 ] || { [ "${BASH_VERSINFO[0]}" -eq 4 ] && [ "${BASH_VERSINFO[1]}" -lt 4 ]; }; then
+  echo "demo: needs bash 4.4 or newer (this is $BASH_VERSION)" >&2
+  exit 2
+fi
+
 readonly JOB_MESSAGE_COUNT=10 # the tutorial's ScaledJob: messageCount "10", consumer MESSAGE_COUNT=10
 readonly SCALED_JOB=servicebusdemo-consumer
 
 usage() {
-  sed -n '/^# Usage:/,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+  sed -n '/^# Usage:/,/^set -/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 message_count=${DEMO_MESSAGE_COUNT:-100}
@@ -92,9 +98,23 @@ for setting in "polling interval:$polling_interval" "processing delay:$processin
     bad_usage "the ${setting%%:*} must be a duration such as 500ms, 2s or 5m, got '${setting#*:}'"
 done
 [[ $polling_interval =~ ^0+(ms|s|m)$ ]] && bad_usage "the polling interval must be more than 0"
-case ${release:-0} in 0 | 1 | '') ;; *) bad_usage "DEMO_RELEASE must be 1 or empty" ;; esac
+# The DEMO_* switches: 1 (or true/yes) turns one on; 0, false, no or empty leave it off.
+switch() {
+  case ${2,,} in
+    1 | true | yes) printf 1 ;;
+    0 | false | no | '') ;;
+    *) bad_usage "$1 must be 1 or 0, got '$2'" ;;
+  esac
+}
+release=$(switch DEMO_RELEASE "$release")
+keep_running=$(switch DEMO_KEEP_RUNNING "$keep_running")
+no_build=$(switch DEMO_NO_BUILD "$no_build")
 expected_jobs=$(((message_count + JOB_MESSAGE_COUNT - 1) / JOB_MESSAGE_COUNT))
 
+# A relative --dir is relative to where the demo was started, not to the repository.
+if [ -n "$state_dir" ] && [[ $state_dir != /* ]]; then
+  state_dir=$PWD/$state_dir
+fi
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo_root"
 
@@ -110,6 +130,18 @@ started_at=$SECONDS
 stage() { printf '\n%s==> %s%s\n' "$bold" "$*" "$reset"; }
 say() { printf '    %s\n' "$*"; }
 quote() { printf '    %s| %s%s\n' "$dim" "$*" "$reset"; }
+# quote_lines [MAX]: quote stdin's non-empty lines (at most MAX); never fails, even on no input.
+quote_lines() {
+  local max=${1:-0} count=0 line
+  while IFS= read -r line; do
+    [ -z "$line" ] || { quote "$line"; count=$((count + 1)); }
+    if [ "$max" -gt 0 ] && [ "$count" -ge "$max" ]; then
+      cat >/dev/null
+      break
+    fi
+  done
+  return 0
+}
 
 # Stop with a clear message; `log` (optional) is the file whose tail explains the failure.
 fail() {
@@ -119,7 +151,9 @@ fail() {
     printf '    last lines of %s:\n' "$log" >&2
     tail -n 15 "$log" | sed 's/^/    | /' >&2
   fi
-  [ -n "${state_dir:-}" ] && printf '    logs: %s\n' "$state_dir" >&2
+  if [ -n "${state_dir:-}" ] && [ -d "$state_dir" ]; then
+    printf '    logs: %s\n' "$state_dir" >&2
+  fi
   exit 1
 }
 
@@ -135,6 +169,8 @@ command -v setsid >/dev/null 2>&1 && have_setsid=1
 start() {
   local name=$1 log=$2
   shift 2
+  # Created here, not by the background job's redirection: readers may look before it runs.
+  : >"$log"
   if [ -n "$have_setsid" ]; then
     setsid "$@" >"$log" 2>&1 </dev/null &
   else
@@ -191,7 +227,7 @@ stop_process() {
 
 cleanup() {
   local status=$?
-  trap - EXIT INT TERM ERR
+  trap - EXIT HUP INT TERM ERR
   local index entry
   # Newest first: the ScaledJob loop and its Jobs, then the scaler, then the broker.
   for ((index = ${#started[@]} - 1; index >= 0; index--)); do
@@ -212,6 +248,7 @@ on_error() {
 }
 trap cleanup EXIT
 trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
+trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -256,9 +293,9 @@ metric_value() {
 # --- 1. build ------------------------------------------------------------------------------------
 
 if [ -n "$release" ]; then
-  profile=release cargo_profile=(--release)
+  profile=release cargo_profile=(--release) profile_note="optimised"
 else
-  profile=debug cargo_profile=()
+  profile=debug cargo_profile=() profile_note="the quickest build; --release for an optimised one"
 fi
 target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
 bin_dir=$target_dir/$profile
@@ -266,7 +303,7 @@ bin_dir=$target_dir/$profile
 if [ -n "$no_build" ]; then
   stage "Using the $profile binaries in $bin_dir (--no-build)"
 else
-  stage "Building the workspace ($profile profile${release:+, optimised}${release:-; add --release for an optimised build})"
+  stage "Building the workspace ($profile profile: $profile_note)"
   command -v cargo >/dev/null 2>&1 || fail "cargo not found: install a Rust toolchain (https://rustup.rs)"
   build_started=$SECONDS
   cargo build --workspace --bins "${cargo_profile[@]}" ||
@@ -279,6 +316,14 @@ done
 
 if [ -z "$state_dir" ]; then
   state_dir=$repo_root/.demo/run-$(date -u +%Y%m%dT%H%M%SZ)-$$
+  # Keep the logs of the last few runs only.
+  old_runs=()
+  for run in "$repo_root"/.demo/run-*; do
+    [ -d "$run" ] && old_runs+=("$run")
+  done
+  for ((index = 0; index + 4 < ${#old_runs[@]}; index++)); do
+    rm -rf -- "${old_runs[index]}"
+  done
 fi
 mkdir -p "$state_dir/sblocal" "$state_dir/jobs" || fail "cannot create the state directory $state_dir"
 state_dir=$(cd "$state_dir" && pwd)
@@ -357,8 +402,8 @@ producer_pid=$last_pid
 producer_status=0
 wait "$producer_pid" || producer_status=$?
 forget "$producer_pid"
-grep -E 'credential chosen|metrics_addr=|Sent [0-9]+ messages' "$producer_log" |
-  sed -E 's/^[^ ]+ +//' | while IFS= read -r line; do quote "$line"; done
+{ grep -E 'credential chosen|metrics_addr=|Sent [0-9]+ messages' "$producer_log" || true; } |
+  sed -E 's/^[^ ]+ +//' | quote_lines
 [ "$producer_status" -eq 0 ] || fail "the producer exited with status $producer_status" "$producer_log"
 sent=$(grep -Eo 'Sent [0-9]+ messages' "$producer_log" | tail -n 1 | grep -Eo '[0-9]+' || true)
 [ "${sent:-0}" -eq "$message_count" ] ||
@@ -401,9 +446,11 @@ say "queue depth:                   $queue_depth active messages ($active_gauge)
 stage "ScaledJob $SCALED_JOB: kedasim plays KEDA (pollingInterval $polling_interval, messageCount $JOB_MESSAGE_COUNT)"
 say "each Job: OPERATION_MODE=consumer MESSAGE_COUNT=$JOB_MESSAGE_COUNT PROCESSING_DELAY=$processing_delay"
 kedasim_log=$state_dir/kedasim.log
+# The consumer's default idle timeout (30s): a Job that finds the queue empty before it has its 10
+# messages (the last Job when the count is not a multiple of 10) waits that long before it exits.
 job_env=(--env OPERATION_MODE=consumer --env "MESSAGE_COUNT=$JOB_MESSAGE_COUNT"
   --env "PROCESSING_DELAY=$processing_delay" --env METRICS_ADDR=127.0.0.1:0
-  --env CONSUMER_IDLE_TIMEOUT=10s)
+  --env CONSUMER_IDLE_TIMEOUT=30s)
 for entry in "${workload_env[@]}"; do
   job_env+=(--env "$entry")
 done
@@ -424,13 +471,13 @@ kedasim_pid=$last_pid
 shown=0
 job_metrics_page=
 job_metrics_name=
+# show_new_lines [FILTER]: print kedasim's lines not shown yet, minus those matching FILTER (ERE).
 show_new_lines() {
-  local total
+  local total filter=${1:-}
   total=$(wc -l <"$kedasim_log")
   if [ "$total" -gt "$shown" ]; then
-    sed -n "$((shown + 1)),${total}p" "$kedasim_log" | while IFS= read -r line; do
-      [ -n "$line" ] && quote "$line"
-    done
+    sed -n "$((shown + 1)),${total}p" "$kedasim_log" |
+      { if [ -n "$filter" ]; then grep -Ev -- "$filter" || true; else cat; fi; } | quote_lines
     shown=$total
   fi
 }
@@ -449,6 +496,7 @@ scrape_a_running_job() {
       return 0
     fi
   done
+  return 0
 }
 while alive "$kedasim_pid"; do
   show_new_lines
@@ -513,12 +561,12 @@ done
 
 stage "Metrics"
 say "scaler ($scaler_metrics):"
-grep -E "^servicebusdemo_(queue_active_messages|queue_dead_letter_messages|management_requests_total|token_requests_total)" <<<"$page" |
-  head -n 8 | while IFS= read -r line; do quote "$line"; done
+{ grep -E "^servicebusdemo_(queue_active_messages|queue_dead_letter_messages|management_requests_total|token_requests_total)" <<<"$page" || true; } |
+  quote_lines 8
 if [ -n "$job_metrics_page" ]; then
   say "a consumer Job while it ran ($job_metrics_name):"
-  grep -E '^servicebusdemo_(messages_received_total|messages_settled_total|processing_duration_seconds_count)' <<<"$job_metrics_page" |
-    head -n 6 | while IFS= read -r line; do quote "$line"; done
+  { grep -E '^servicebusdemo_(messages_received_total|messages_settled_total|processing_duration_seconds_count)' <<<"$job_metrics_page" || true; } |
+    quote_lines 6
 fi
 
 stage "Checks"
@@ -548,9 +596,8 @@ if [ "$jobs_created" -gt "$expected_jobs" ]; then
   say "more Jobs than needed: KEDA's default strategy starts ceil(queue/$JOB_MESSAGE_COUNT) minus the running"
   say "Jobs, so a count read before a Job finished, or a Job that took fewer than $JOB_MESSAGE_COUNT messages,"
   say "makes it start another one (polls: $kedasim_log)"
-  # Only the last Job may legitimately get fewer (when the count is not a multiple of 10).
-  if [ ${#short_jobs[@]} -gt 1 ] || { [ ${#short_jobs[@]} -eq 1 ] && [ $((message_count % JOB_MESSAGE_COUNT)) -eq 0 ]; }; then
-    say "Jobs that got fewer messages than they asked for while the queue still held some:"
+  if [ ${#short_jobs[@]} -gt 0 ]; then
+    say "Jobs that got fewer messages than they asked for:"
     for entry in "${short_jobs[@]}"; do
       say "  $entry"
     done
@@ -565,15 +612,26 @@ printf '\n%sThe tutorial ran end to end%s: %s messages, %s Jobs, the queue drain
 
 if [ -n "$keep_running" ]; then
   stage "Keeping the broker, the scaler and the ScaledJob loop running (Ctrl-C stops everything)"
+  # Ctrl-C is how this mode ends; the checks have passed already.
+  trap 'exit 0' HUP INT TERM
+  jobs_dir=$state_dir/jobs-continuous
+  mkdir -p "$jobs_dir"
+  rm -f "$jobs_dir/$SCALED_JOB"-*.log
   mapfile -d '' -t kedasim_args < <(kedasim_command)
-  start kedasim "$state_dir/kedasim-continuous.log" "${kedasim_args[@]}"
-  say "send more messages from another terminal, and watch Jobs being created:"
+  kedasim_log=$state_dir/kedasim-continuous.log
+  shown=0
+  start kedasim "$kedasim_log" "${kedasim_args[@]}"
+  kedasim_pid=$last_pid
+  say "send more messages from another terminal, and watch Jobs being created here:"
   say "  (while IFS= read -r line; do export \"\$line\"; done < '$broker_dir/workload.env'"
   say "   OPERATION_MODE=producer MESSAGE_COUNT=50 METRICS_ADDR=127.0.0.1:0 '$bin_dir/servicebusdemo')"
   say "scaler: gRPC $scaler_grpc, metrics $scaler_metrics"
-  say "ScaledJob events: $state_dir/kedasim-continuous.log"
-  while alive "$scaler_pid" && alive "$broker_pid"; do
-    sleep 1
+  say "ScaledJob log: $kedasim_log; Job logs: $jobs_dir"
+  while alive "$scaler_pid" && alive "$broker_pid" && alive "$kedasim_pid"; do
+    # Polls that change nothing would scroll everything else away.
+    show_new_lines 'create 0$'
+    sleep 0.5
   done
-  fail "the scaler or sblocal stopped on its own" "$scaler_log"
+  show_new_lines 'create 0$'
+  fail "the scaler, sblocal or kedasim stopped on its own" "$kedasim_log"
 fi

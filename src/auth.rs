@@ -327,26 +327,33 @@ impl EntraChain {
         if let Some(index) = *chosen {
             return get_token(&self.candidates[index]).await;
         }
-        let mut last_error = None;
+        if let [only] = self.candidates.as_slice() {
+            let token = get_token(only).await?;
+            *chosen = Some(0);
+            return Ok(token);
+        }
+        let mut failures = Vec::new();
         for (index, candidate) in self.candidates.iter().enumerate() {
             match get_token(candidate).await {
                 Ok(token) => {
-                    if self.candidates.len() > 1 {
-                        tracing::info!(credential = candidate.name, "credential chosen");
-                    }
+                    tracing::info!(credential = candidate.name, "credential chosen");
                     *chosen = Some(index);
                     return Ok(token);
                 }
                 Err(err) => {
                     tracing::debug!(credential = candidate.name, error = %err, "credential unavailable");
-                    last_error = Some(err);
+                    failures.push(err.to_string());
                 }
             }
         }
-        Err(last_error.unwrap_or(AuthError::Setup {
-            credential: "Entra",
-            message: "no credential configured".into(),
-        }))
+        // Nothing in the environment provides an identity: retrying will not change that.
+        Err(AuthError::Refused {
+            credential: "managed identity, then developer tools",
+            message: format!(
+                "no identity available (set AZURE_SERVICEBUS_CONNECTION_STRING, or run with workload identity): {}",
+                failures.join("; ")
+            ),
+        })
     }
 }
 

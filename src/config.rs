@@ -260,8 +260,8 @@ impl std::fmt::Debug for SharedAccessKey {
     }
 }
 
-/// Where tokens come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where tokens come from. `Debug` never shows a key or signature.
+#[derive(Clone, PartialEq, Eq)]
 pub enum AuthConfig {
     /// A connection string with a key: we sign SAS tokens ourselves.
     SharedAccessKey(SharedAccessKey),
@@ -279,6 +279,36 @@ pub enum AuthConfig {
         /// A user-assigned managed identity's client id, when AZURE_CLIENT_ID is set.
         client_id: Option<String>,
     },
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthConfig::SharedAccessKey(key) => {
+                f.debug_tuple("SharedAccessKey").field(key).finish()
+            }
+            AuthConfig::SharedAccessSignature(_) => f
+                .debug_tuple("SharedAccessSignature")
+                .field(&"<redacted>")
+                .finish(),
+            AuthConfig::WorkloadIdentity {
+                tenant_id,
+                client_id,
+                token_file,
+                authority_host,
+            } => f
+                .debug_struct("WorkloadIdentity")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .field("token_file", token_file)
+                .field("authority_host", authority_host)
+                .finish(),
+            AuthConfig::Ambient { client_id } => f
+                .debug_struct("Ambient")
+                .field("client_id", client_id)
+                .finish(),
+        }
+    }
 }
 
 /// Retry of transient failures: exponential backoff with jitter.
@@ -354,6 +384,8 @@ pub enum ModeConfig {
 pub struct Config {
     pub common: CommonConfig,
     pub mode: ModeConfig,
+    /// Settings that were accepted but have no effect, to log once logging is up.
+    pub notes: Vec<String>,
 }
 
 impl Config {
@@ -369,12 +401,17 @@ impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let mode = parse_mode(&args)?;
         let common = parse_common(&args, mode)?;
+        let mut notes = Vec::new();
         let mode = match mode {
             Mode::Producer => ModeConfig::Producer(parse_producer(&args)?),
-            Mode::Consumer => ModeConfig::Consumer(parse_consumer(&args)?),
+            Mode::Consumer => ModeConfig::Consumer(parse_consumer(&args, &mut notes)?),
             Mode::Scaler => ModeConfig::Scaler(parse_scaler(&args, &common.namespace)?),
         };
-        Ok(Config { common, mode })
+        Ok(Config {
+            common,
+            mode,
+            notes,
+        })
     }
 }
 
@@ -828,7 +865,7 @@ pub fn pad_body(body: &str, size: u64) -> Result<String, ConfigError> {
     Ok(padded)
 }
 
-fn parse_consumer(args: &Args) -> Result<ConsumerConfig, ConfigError> {
+fn parse_consumer(args: &Args, notes: &mut Vec<String>) -> Result<ConsumerConfig, ConfigError> {
     let queue = parse_queue_name(args)?;
     let message_count: u64 = parse_number("MESSAGE_COUNT", &args.message_count, 0)?;
     let processing_delay =
@@ -851,6 +888,17 @@ fn parse_consumer(args: &Args) -> Result<ConsumerConfig, ConfigError> {
         return Err(ConfigError::new(
             "MAX_PROCESSING_ATTEMPTS",
             "must be at least 1",
+        ));
+    }
+    if message_count == 0 && non_empty(&args.consumer_idle_timeout).is_some() {
+        notes.push(
+            "CONSUMER_IDLE_TIMEOUT is ignored with MESSAGE_COUNT=0: a continuous worker waits for work"
+                .to_string(),
+        );
+    }
+    if message_count > 0 && u64::from(prefetch) > message_count {
+        notes.push(format!(
+            "PREFETCH {prefetch} is capped at MESSAGE_COUNT {message_count}: a Job never locks more than it takes"
         ));
     }
     Ok(ConsumerConfig {
@@ -1269,6 +1317,29 @@ mod tests {
     }
 
     #[test]
+    fn settings_without_effect_are_noted() {
+        let config = Config::from_args(args(&[
+            "consumer",
+            sas(),
+            "--queue-name=q",
+            "--message-count=0",
+            "--consumer-idle-timeout=5s",
+        ]))
+        .expect("valid");
+        assert_eq!(config.notes.len(), 1);
+        assert!(config.notes[0].contains("CONSUMER_IDLE_TIMEOUT"));
+        let config = Config::from_args(args(&[
+            "consumer",
+            sas(),
+            "--queue-name=q",
+            "--message-count=10",
+            "--prefetch=50",
+        ]))
+        .expect("valid");
+        assert!(config.notes[0].contains("PREFETCH"));
+    }
+
+    #[test]
     fn subcommand_and_env_mode_must_agree() {
         let err = err(&[
             "consumer",
@@ -1353,6 +1424,17 @@ mod tests {
             url.join("q1").expect("join").as_str(),
             "https://localhost:5443/sb/q1"
         );
+    }
+
+    #[test]
+    fn signatures_do_not_appear_in_debug_output() {
+        let config = Config::from_args(args(&[
+            "producer",
+            "--connection-string=Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig=SECRET_SIG&se=1&skn=k",
+            "--queue-name=q",
+        ]))
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("SECRET_SIG"));
     }
 
     #[test]

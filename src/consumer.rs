@@ -13,8 +13,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tracing::Instrument;
+
 use crate::auth::Credentials;
 use crate::config::{CommonConfig, ConsumerConfig};
+use crate::servicebus::diagnostics::continue_trace;
 use crate::servicebus::{retry, QueueReceiver, ReceivedMessage, ServiceBusError};
 use crate::telemetry::{Metrics, Readiness, SettleOutcome};
 
@@ -167,6 +170,23 @@ impl Consumer<'_> {
         Ok(())
     }
 
+    /// Reconnect, unless a stop is requested meanwhile (then true: retries can take longer
+    /// than the pod's grace period, and there is nothing to hand back on a lost link).
+    async fn reconnect_unless_stopped(
+        &self,
+        receiver: &mut QueueReceiver,
+        cause: &ServiceBusError,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, ServiceBusError> {
+        tokio::select! {
+            reconnected = self.reconnect(receiver, cause) => reconnected.map(|()| false),
+            () = shutdown.as_mut() => {
+                tracing::info!("stop requested while reconnecting");
+                Ok(true)
+            }
+        }
+    }
+
     async fn receive_loop(
         &mut self,
         receiver: &mut QueueReceiver,
@@ -181,7 +201,12 @@ impl Consumer<'_> {
             let credit = desired_credit(self.config.prefetch, still_wanted);
             if receiver.credit() < credit {
                 if let Err(err) = receiver.set_credit(credit).await {
-                    self.reconnect(receiver, &err).await?;
+                    if self
+                        .reconnect_unless_stopped(receiver, &err, shutdown)
+                        .await?
+                    {
+                        return Ok(StopReason::Signal);
+                    }
                     continue;
                 }
             }
@@ -206,13 +231,33 @@ impl Consumer<'_> {
             match received {
                 Ok(Some(message)) => {
                     last_message = Instant::now();
-                    let stopped = self.handle(receiver, message, shutdown).await?;
+                    // One span per message: with OTLP export each becomes a trace.
+                    let span = tracing::info_span!(
+                        "process message",
+                        queue = self.config.queue.as_str(),
+                        message_id = message.message_id.as_deref().unwrap_or(""),
+                        delivery_count = message.delivery_count,
+                    );
+                    if let Some(traceparent) = &message.diagnostic_id {
+                        continue_trace(&span, traceparent);
+                    }
+                    let stopped = self
+                        .handle(receiver, message, shutdown)
+                        .instrument(span)
+                        .await?;
                     if stopped {
                         return Ok(StopReason::Signal);
                     }
                 }
                 Ok(None) => {}
-                Err(err) if err.is_transient() => self.reconnect(receiver, &err).await?,
+                Err(err) if err.is_transient() => {
+                    if self
+                        .reconnect_unless_stopped(receiver, &err, shutdown)
+                        .await?
+                    {
+                        return Ok(StopReason::Signal);
+                    }
+                }
                 Err(err) => return Err(err),
             }
         }

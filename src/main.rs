@@ -118,6 +118,9 @@ async fn run(config: Config) -> Result<(), Failure> {
         transport = ?config.common.namespace.transport,
         "starting"
     );
+    for note in &config.notes {
+        tracing::info!("{note}");
+    }
     let metrics = Arc::new(Metrics::new(mode.as_str()));
     let readiness = Readiness::new();
     let credentials = Credentials::new(&config.common.auth, Some(metrics.clone()))

@@ -8,25 +8,35 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use crate::auth::Credentials;
 use crate::config::{CommonConfig, ProducerConfig};
-use crate::servicebus::sender::{encode, pack};
+use crate::servicebus::diagnostics::{current_traceparent, DIAGNOSTIC_ID};
+use crate::servicebus::sender::{encode, BatchBuilder};
 use crate::servicebus::{retry, OutgoingMessage, QueueSender, ServiceBusError};
 use crate::telemetry::{Metrics, Readiness};
 
-/// Build the run's messages: the configured body, a fresh unique id each, and application
-/// properties that let a reader tell where a message came from.
-pub fn build_messages(config: &ProducerConfig) -> Vec<OutgoingMessage> {
-    (0..config.message_count)
-        .map(|index| OutgoingMessage {
+/// The run's messages, made as they are needed: the configured body, a fresh unique id
+/// each, and application properties that let a reader tell where a message came from.
+pub fn messages<'a>(
+    config: &'a ProducerConfig,
+    traceparent: Option<&'a str>,
+) -> impl Iterator<Item = OutgoingMessage> + 'a {
+    (0..config.message_count).map(move |index| {
+        let mut application_properties = vec![
+            ("source".to_string(), "servicebusdemo".to_string()),
+            ("index".to_string(), index.to_string()),
+        ];
+        if let Some(traceparent) = traceparent {
+            application_properties.push((DIAGNOSTIC_ID.to_string(), traceparent.to_string()));
+        }
+        OutgoingMessage {
             message_id: uuid::Uuid::new_v4().to_string(),
             body: config.body.as_bytes().to_vec(),
-            application_properties: vec![
-                ("source".to_string(), "servicebusdemo".to_string()),
-                ("index".to_string(), index.to_string()),
-            ],
-        })
-        .collect()
+            application_properties,
+        }
+    })
 }
 
 pub async fn run(
@@ -36,33 +46,118 @@ pub async fn run(
     metrics: Arc<Metrics>,
     readiness: Readiness,
 ) -> Result<u64, ServiceBusError> {
-    let messages = build_messages(config);
-    let encoded = messages.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+    let span = tracing::info_span!(
+        "produce",
+        queue = config.queue.as_str(),
+        messages = config.message_count
+    );
+    produce(config, common, credentials, metrics, readiness)
+        .instrument(span)
+        .await
+}
+
+async fn produce(
+    config: &ProducerConfig,
+    common: &CommonConfig,
+    credentials: Arc<Credentials>,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+) -> Result<u64, ServiceBusError> {
+    // Every message continues this run's trace (when traces are exported).
+    let traceparent = current_traceparent();
     let mut sender = open(config, common, &credentials, &metrics).await?;
     readiness.set_ready(true);
-    let batches = pack(&encoded, sender.max_message_size())?;
     tracing::info!(
         queue = config.queue.as_str(),
-        messages = encoded.len(),
-        batches = batches.len(),
+        messages = config.message_count,
         max_message_size = sender.max_message_size(),
         "sending"
     );
-    let mut sent = 0u64;
-    for range in batches {
-        let batch = &encoded[range];
-        let started = Instant::now();
-        sender = send_with_retry(sender, batch, config, common, &credentials, &metrics).await?;
-        metrics.observe_send(&config.queue, started.elapsed());
-        metrics.message_sent(&config.queue, batch.len() as u64);
-        sent += batch.len() as u64;
-        tracing::info!(queue = config.queue.as_str(), "Sent {sent} messages");
+    // Messages are built and encoded as the batches fill, so memory stays at one batch
+    // however many messages are asked for.
+    let mut batch = BatchBuilder::new(sender.max_message_size());
+    let mut progress = Progress::default();
+    for message in messages(config, traceparent.as_deref()) {
+        let encoded = encode(&message)?;
+        if let Some(encoded) = batch.try_push(encoded)? {
+            sender = flush(
+                sender,
+                &mut batch,
+                &mut progress,
+                config,
+                common,
+                &credentials,
+                &metrics,
+            )
+            .await?;
+            if batch.try_push(encoded)?.is_some() {
+                return Err(ServiceBusError::MessageTooLarge(
+                    "a message does not fit an empty batch".into(),
+                ));
+            }
+        }
     }
-    if sent == 0 {
+    if !batch.is_empty() {
+        sender = flush(
+            sender,
+            &mut batch,
+            &mut progress,
+            config,
+            common,
+            &credentials,
+            &metrics,
+        )
+        .await?;
+    }
+    if progress.sent == 0 {
         tracing::info!(queue = config.queue.as_str(), "Sent 0 messages");
     }
+    tracing::info!(
+        queue = config.queue.as_str(),
+        messages = progress.sent,
+        batches = progress.batches,
+        "every message accepted"
+    );
     sender.close().await;
-    Ok(sent)
+    Ok(progress.sent)
+}
+
+#[derive(Default)]
+struct Progress {
+    sent: u64,
+    batches: u64,
+}
+
+/// Send the collected batch and log progress.
+async fn flush(
+    sender: QueueSender,
+    batch: &mut BatchBuilder,
+    progress: &mut Progress,
+    config: &ProducerConfig,
+    common: &CommonConfig,
+    credentials: &Arc<Credentials>,
+    metrics: &Arc<Metrics>,
+) -> Result<QueueSender, ServiceBusError> {
+    let encoded = batch.take();
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "send batch",
+        queue = config.queue.as_str(),
+        messages = encoded.len()
+    );
+    let sender = send_with_retry(sender, &encoded, config, common, credentials, metrics)
+        .instrument(span)
+        .await?;
+    metrics.observe_send(&config.queue, started.elapsed());
+    metrics.message_sent(&config.queue, encoded.len() as u64);
+    progress.sent += encoded.len() as u64;
+    progress.batches += 1;
+    tracing::info!(
+        queue = config.queue.as_str(),
+        "Sent {} messages",
+        progress.sent
+    );
+    Ok(sender)
 }
 
 async fn open(
@@ -124,10 +219,18 @@ mod tests {
             message_count: 100,
             body: "Hello World!".into(),
         };
-        let messages = build_messages(&config);
+        let messages: Vec<_> = messages(
+            &config,
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        )
+        .collect();
         assert_eq!(messages.len(), 100);
         let ids: std::collections::HashSet<_> = messages.iter().map(|m| &m.message_id).collect();
         assert_eq!(ids.len(), 100);
         assert!(messages.iter().all(|m| m.body == b"Hello World!"));
+        assert!(messages.iter().all(|m| m
+            .application_properties
+            .iter()
+            .any(|(k, v)| k == DIAGNOSTIC_ID && v.starts_with("00-0af7"))));
     }
 }

@@ -464,12 +464,13 @@ pub struct TracingConfig {
 #[must_use = "dropping the guard shuts down trace export"]
 pub struct TelemetryGuard {
     tracer_provider: Option<SdkTracerProvider>,
+    exports_traces: bool,
 }
 
 impl TelemetryGuard {
     /// Whether spans are exported over OTLP.
     pub fn exports_traces(&self) -> bool {
-        self.tracer_provider.is_some()
+        self.exports_traces
     }
 }
 
@@ -509,14 +510,16 @@ pub fn init_tracing(config: &TracingConfig) -> Result<TelemetryGuard, TelemetryE
 
     global::set_text_map_propagator(TraceContextPropagator::new());
 
+    // Spans get OpenTelemetry ids even when nothing is exported: log lines then carry the
+    // trace id, and a `traceparent` received in a message is passed on to what we log.
+    let exports_traces = config.otlp_endpoint.is_some();
     let tracer_provider = match &config.otlp_endpoint {
-        Some(endpoint) => Some(otlp_tracer_provider(endpoint, &config.service_name)?),
-        None => None,
+        Some(endpoint) => otlp_tracer_provider(endpoint, &config.service_name)?,
+        None => local_tracer_provider(&config.service_name),
     };
-    let otel_layer = tracer_provider.as_ref().map(|provider| {
-        global::set_tracer_provider(provider.clone());
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("servicebusdemo"))
-    });
+    global::set_tracer_provider(tracer_provider.clone());
+    let otel_layer =
+        tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("servicebusdemo"));
 
     // Logs go to stderr so stdout stays free for machine-readable output of the modes.
     let fmt_layer = match config.log_format {
@@ -545,7 +548,10 @@ pub fn init_tracing(config: &TracingConfig) -> Result<TelemetryGuard, TelemetryE
         .with(fmt_layer)
         .try_init()?;
 
-    Ok(TelemetryGuard { tracer_provider })
+    Ok(TelemetryGuard {
+        tracer_provider: Some(tracer_provider),
+        exports_traces,
+    })
 }
 
 /// JSON event format with the OpenTelemetry `trace_id` of the current span (when traced)
@@ -627,16 +633,33 @@ fn otlp_tracer_provider(
         .with_tonic()
         .with_endpoint(endpoint)
         .build()?;
-    // `Resource::builder` also applies OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME;
-    // ours is the default name per mode.
-    let resource = Resource::builder()
-        .with_attribute(KeyValue::new("service.name", service_name.to_owned()))
-        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(resource)
+        .with_resource(service_resource(service_name))
         .build())
+}
+
+/// Spans with real ids that go nowhere: no processor, so ending a span costs next to nothing.
+fn local_tracer_provider(service_name: &str) -> SdkTracerProvider {
+    SdkTracerProvider::builder()
+        .with_resource(service_resource(service_name))
+        .build()
+}
+
+/// `Resource::builder` applies the standard OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
+/// a name given there wins, `service_name` (one per mode) replaces only the SDK's
+/// `unknown_service` placeholder.
+fn service_resource(service_name: &str) -> Resource {
+    let service_name_key = opentelemetry::Key::from_static_str("service.name");
+    let configured = Resource::builder()
+        .build()
+        .get(&service_name_key)
+        .map(|name| name.to_string())
+        .filter(|name| !name.starts_with("unknown_service"));
+    Resource::builder()
+        .with_service_name(configured.unwrap_or_else(|| service_name.to_owned()))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1089,6 +1112,7 @@ mod otlp_tests {
         // What the guard does on drop: flush the batch and stop.
         let guard = TelemetryGuard {
             tracer_provider: Some(provider),
+            exports_traces: true,
         };
         tokio::task::spawn_blocking(move || drop(guard))
             .await

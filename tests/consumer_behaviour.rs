@@ -263,3 +263,44 @@ fn prefetch_never_locks_more_than_still_wanted() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(broker.counts(&queue), (0, 0));
 }
+
+/// SIGTERM while the broker is unreachable and the consumer is retrying: it stops at once
+/// with exit code 0 instead of finishing its retries (which may outlast the grace period).
+#[test]
+fn sigterm_while_reconnecting_stops_cleanly() {
+    let broker = Broker::start();
+    let queue = broker.queue();
+    produce(&broker, &queue, "1");
+    let mut consumer = demo_command(
+        &broker.emulator_env,
+        &[
+            ("OPERATION_MODE", "consumer"),
+            ("MESSAGE_COUNT", "0"),
+            ("RETRY_MAX_ATTEMPTS", "50"),
+            ("RETRY_BASE_DELAY", "1s"),
+            ("RETRY_MAX_DELAY", "10s"),
+        ],
+    )
+    .spawn()
+    .expect("spawn consumer");
+    let logs = LogStream::attach(&mut consumer);
+    let mut captured = String::new();
+    let mut wait_for = |needle: &str, consumer: &mut std::process::Child| loop {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = consumer.kill();
+            panic!("no {needle:?} in:\n{captured}");
+        };
+        captured.push_str(&line);
+        captured.push('\n');
+        if line.contains(needle) {
+            break;
+        }
+    };
+    wait_for("Received message: ", &mut consumer);
+    broker.fault("/$admin/refuse-connections?seconds=120");
+    broker.fault("/$admin/drop-connections");
+    wait_for("failed transiently; retrying", &mut consumer);
+    terminate(&consumer);
+    let status = consumer.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{captured}");
+}

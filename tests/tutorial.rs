@@ -266,7 +266,7 @@ fn sigterm_mid_consume_loses_nothing() {
 fn dropped_connections_and_server_busy_are_retried() {
     let broker = Broker::start();
     let queue = broker.queue();
-    let consumer = demo_command(
+    let mut consumer = demo_command(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -276,24 +276,56 @@ fn dropped_connections_and_server_busy_are_retried() {
     )
     .spawn()
     .expect("spawn consumer");
+    let logs = LogStream::attach(&mut consumer);
     produce(&broker, &broker.emulator_env, 5);
-    // Let the consumer take the first five, then cut every connection.
-    std::thread::sleep(Duration::from_secs(2));
+    // Once the consumer has the first five, cut every connection and make sends fail.
+    let mut lines = Vec::new();
+    let mut received = 0;
+    while received < 5 {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = consumer.kill();
+            panic!("consumer stalled:\n{}", lines.join("\n"));
+        };
+        if line.contains("Received message: ") {
+            received += 1;
+        }
+        lines.push(line);
+    }
     broker.fault("/$admin/drop-connections");
     broker.fault("/$admin/server-busy?seconds=2");
     let env = env_with(&broker.emulator_env, &[("RETRY_MAX_ATTEMPTS", "10")]);
-    produce(&broker, &env, 5);
-    let output = wait_output(consumer);
+    let output = run_demo(
+        &env,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "5")],
+    );
     assert_success(&output);
-    let ids: HashSet<String> = received_ids(&output).into_iter().collect();
-    assert_eq!(ids.len(), 10, "{}", describe(&output));
-    let reconnected = log_lines(&output)
+    let retried = log_lines(&output)
         .iter()
-        .any(|l| log_message(l).contains("reconnecting"));
+        .any(|l| log_message(l).contains("transiently"));
     assert!(
-        reconnected,
-        "the consumer reconnected\n{}",
+        retried,
+        "the producer retried the busy broker\n{}",
         describe(&output)
+    );
+
+    lines.extend(logs.rest());
+    let status = consumer.wait().expect("wait");
+    let log = lines.join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+    let ids: HashSet<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| log_message(l).starts_with("Received message: "))
+        .filter_map(|l| {
+            log_field(&l, "message_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(ids.len(), 10, "{log}");
+    assert!(
+        log.contains("reconnecting"),
+        "the consumer reconnected\n{log}"
     );
     assert_eq!(broker.counts(&queue), (0, 0));
 }
@@ -359,7 +391,7 @@ fn large_messages_are_split_into_as_few_batches_as_fit() {
     let lines = log_lines(&output);
     let batches = lines
         .iter()
-        .find(|l| log_message(l) == "sending")
+        .find(|l| log_message(l) == "every message accepted")
         .and_then(|l| log_field(l, "batches"))
         .and_then(|b| b.as_u64())
         .expect("sending line with batches");
@@ -388,9 +420,65 @@ fn workload_identity_without_a_matching_federated_credential_fails_fast() {
     let token_file = std::path::PathBuf::from(&env["AZURE_FEDERATED_TOKEN_FILE"]);
     let wrong = broker.mint_token("system:serviceaccount:default:someone-else", 3600);
     std::fs::write(&token_file, wrong).expect("write token");
-    let output = run_demo(&env, &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")]);
+    let output = run_demo(
+        &env,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")],
+    );
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("AADSTS70021"), "{stderr}");
-    assert!(!stderr.contains("retrying"), "refusals are not retried: {stderr}");
+    assert!(
+        !stderr.contains("retrying"),
+        "refusals are not retried: {stderr}"
+    );
+}
+
+/// A SAS connection string for a TLS endpoint (no UseDevelopmentEmulator): AMQP over TLS with
+/// the broker's CA trusted through SSL_CERT_FILE; without it the certificate is refused with a
+/// message that says where trust comes from, and that is not retried.
+#[test]
+fn sas_connection_string_over_tls_trusts_ssl_cert_file() {
+    let broker = Broker::start();
+    let queue = broker.queue();
+    let plain = broker.emulator_env["AZURE_SERVICEBUS_CONNECTION_STRING"].clone();
+    let tls_host = broker.workload_env["AZURE_SERVICEBUS_HOSTNAME"].clone();
+    let rest = plain
+        .split(';')
+        .filter(|part| {
+            !part.starts_with("Endpoint=") && !part.starts_with("UseDevelopmentEmulator")
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    let tls = format!("Endpoint=sb://{tls_host}/;{rest}");
+    let ca = broker.workload_env["SSL_CERT_FILE"].clone();
+    let env = env_with(
+        &broker.emulator_env,
+        &[
+            ("AZURE_SERVICEBUS_CONNECTION_STRING", tls.as_str()),
+            ("SSL_CERT_FILE", ca.as_str()),
+        ],
+    );
+    produce(&broker, &env, 3);
+    let output = run_demo(
+        &env,
+        &[
+            ("OPERATION_MODE", "consumer"),
+            ("MESSAGE_COUNT", "3"),
+            ("CONSUMER_IDLE_TIMEOUT", "10s"),
+        ],
+    );
+    assert_success(&output);
+    assert_eq!(received_ids(&output).len(), 3);
+    assert_eq!(broker.counts(&queue), (0, 0));
+
+    let mut untrusted = env.clone();
+    untrusted.remove("SSL_CERT_FILE");
+    let output = run_demo(
+        &untrusted,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SSL_CERT_FILE"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
 }

@@ -321,7 +321,7 @@ impl JwtValidator {
             .by_object_id(object_id)
             .ok_or_else(|| AuthError::UnknownPrincipal(object_id.to_string()))?;
         Ok(Grant {
-            rights: identity.rights(),
+            rights: identity.rights_on(entity_path),
             expires_at: unix_to_system_time(expiry),
             subject: identity.name.clone(),
         })

@@ -88,7 +88,10 @@ impl IntoResponse for EntraError {
     fn into_response(self) -> Response {
         let trace_id = uuid::Uuid::new_v4().to_string();
         let correlation_id = uuid::Uuid::new_v4().to_string();
-        let timestamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        // Entra writes "2025-07-07 10:30:48Z".
+        let timestamp = humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replacen('T', " ", 1);
         let description = format!(
             "AADSTS{}: {} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {timestamp}",
             self.code, self.description
@@ -235,7 +238,7 @@ impl Entra {
             .unwrap_or(0);
         if expiry <= now || not_before > now + NOT_BEFORE_SKEW_SECS {
             return Err(EntraError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 700024,
                 format!("Client assertion is not within its valid time range. Current time: {}, assertion valid from {}, expiry time of assertion {}.", utc(now), utc(not_before), utc(expiry)),
@@ -254,7 +257,7 @@ impl Entra {
         });
         if !matched {
             return Err(EntraError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 70021,
                 format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. Assertion Audience: '{}'.", audiences.join(",")),
@@ -545,6 +548,10 @@ mod tests {
         );
         let error = f.entra.exchange(&tenant, &wrong).unwrap_err();
         assert_eq!(error.code, 70021);
+        assert_eq!(
+            (error.status, error.error),
+            (StatusCode::UNAUTHORIZED, "invalid_client")
+        );
         assert!(error.description.contains("someone-else"));
         let expired = form(
             &f,

@@ -29,6 +29,9 @@ use crate::broker::Broker;
 use crate::entra::{self, Entra};
 use crate::faults::{Counters, Faults};
 
+/// How long a client may take to complete a TLS handshake before it is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Everything the admin routes touch.
 pub struct AdminState {
     pub broker: Arc<Broker>,
@@ -168,13 +171,18 @@ pub async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, router: Rou
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "HTTPS handshake failed");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "HTTPS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "HTTPS handshake timed out");
+                        return;
+                    }
+                };
             let served = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .await;

@@ -64,6 +64,62 @@ impl Role {
     }
 }
 
+/// A role assignment: a bare role name applies to the whole namespace; `{"role", "scope"}` limits
+/// it to one entity (a queue name, as an Azure role assignment scoped to a queue does).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, try_from = "RawAssignment")]
+pub enum RoleAssignment {
+    Namespace(Role),
+    Scoped { role: Role, scope: String },
+}
+
+/// The file's form, parsed leniently so that a wrong role name gets an error that lists the
+/// valid ones (an untagged enum would only say that nothing matched).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAssignment {
+    Namespace(String),
+    Scoped { role: String, scope: String },
+}
+
+impl TryFrom<RawAssignment> for RoleAssignment {
+    type Error = String;
+
+    fn try_from(raw: RawAssignment) -> Result<Self, String> {
+        let role = |name: &str| {
+            serde_json::from_value::<Role>(serde_json::Value::String(name.to_string())).map_err(
+                |_| {
+                    format!(
+                        "unknown role {name:?} (expected \"Azure Service Bus Data Sender\", \"Azure Service Bus Data Receiver\" or \"Azure Service Bus Data Owner\")"
+                    )
+                },
+            )
+        };
+        match raw {
+            RawAssignment::Namespace(name) => Ok(RoleAssignment::Namespace(role(&name)?)),
+            RawAssignment::Scoped { role: name, scope } => Ok(RoleAssignment::Scoped {
+                role: role(&name)?,
+                scope,
+            }),
+        }
+    }
+}
+
+impl RoleAssignment {
+    fn applies_to(&self, entity_path: &str) -> bool {
+        match self {
+            RoleAssignment::Namespace(_) => true,
+            RoleAssignment::Scoped { scope, .. } => crate::auth::covers(scope, entity_path),
+        }
+    }
+
+    fn role(&self) -> Role {
+        match self {
+            RoleAssignment::Namespace(role) | RoleAssignment::Scoped { role, .. } => *role,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FederatedCredential {
     pub subject: String,
@@ -88,22 +144,25 @@ pub struct Identity {
     #[serde(default)]
     pub object_id: String,
     #[serde(default)]
-    pub roles: Vec<Role>,
+    pub roles: Vec<RoleAssignment>,
     #[serde(default)]
     pub federated_credentials: Vec<FederatedCredential>,
 }
 
 impl Identity {
-    /// Everything the roles grant (role assignments are namespace-wide).
-    pub fn rights(&self) -> Rights {
-        self.roles.iter().fold(Rights::default(), |acc, role| {
-            let r = role.rights();
-            Rights {
-                send: acc.send || r.send,
-                listen: acc.listen || r.listen,
-                manage: acc.manage || r.manage,
-            }
-        })
+    /// What the identity's role assignments grant on `entity_path` (e.g. `queue.1`).
+    pub fn rights_on(&self, entity_path: &str) -> Rights {
+        self.roles
+            .iter()
+            .filter(|assignment| assignment.applies_to(entity_path))
+            .fold(Rights::default(), |acc, assignment| {
+                let r = assignment.role().rights();
+                Rights {
+                    send: acc.send || r.send,
+                    listen: acc.listen || r.listen,
+                    manage: acc.manage || r.manage,
+                }
+            })
     }
 }
 
@@ -141,7 +200,7 @@ impl Identities {
             name: name.to_string(),
             client_id: String::new(),
             object_id: String::new(),
-            roles: vec![role],
+            roles: vec![RoleAssignment::Namespace(role)],
             federated_credentials: vec![FederatedCredential {
                 subject: service_account_subject(DEFAULT_K8S_NAMESPACE, name),
                 issuer: None,
@@ -254,7 +313,7 @@ mod tests {
     fn defaults_match_the_manifests() {
         let identities = Identities::defaults();
         let owner = identities.by_name("servicebusdemo").expect("present");
-        assert_eq!(owner.rights(), Role::DataOwner.rights());
+        assert_eq!(owner.rights_on("queue.1"), Role::DataOwner.rights());
         assert_eq!(
             owner.federated_credentials[0].subject,
             "system:serviceaccount:default:servicebusdemo"
@@ -262,16 +321,16 @@ mod tests {
         let producer = identities
             .by_name("servicebusdemo-producer")
             .expect("present");
-        assert!(producer.rights().send && !producer.rights().listen);
+        assert!(producer.rights_on("queue.1").send && !producer.rights_on("queue.1").listen);
         let consumer = identities
             .by_name("servicebusdemo-consumer")
             .expect("present");
-        assert!(consumer.rights().listen && !consumer.rights().send);
+        assert!(consumer.rights_on("queue.1").listen && !consumer.rights_on("queue.1").send);
         assert!(
             identities
                 .by_name("servicebusdemo-scaler")
                 .expect("present")
-                .rights()
+                .rights_on("queue.1")
                 .manage
         );
         assert_eq!(identities.validate().ok(), Some(()));
@@ -295,8 +354,33 @@ mod tests {
     }
 
     #[test]
+    fn scoped_role_assignments_apply_to_their_queue_only() {
+        let text = r#"{"identities":[{"name":"app","roles":[
+            "Azure Service Bus Data Receiver",
+            {"role":"Azure Service Bus Data Sender","scope":"orders"}]}]}"#;
+        let identities = Identities::parse(text).expect("parses");
+        let app = identities.by_name("app").expect("present");
+        assert_eq!(
+            app.rights_on("orders"),
+            Rights {
+                send: true,
+                listen: true,
+                manage: false
+            }
+        );
+        assert!(app.rights_on("orders/$DeadLetterQueue").send);
+        assert!(!app.rights_on("audit").send && app.rights_on("audit").listen);
+    }
+
+    #[test]
     fn bad_files_are_refused() {
-        assert!(Identities::parse(r#"{"identities":[{"name":"a","roles":["Reader"]}]}"#).is_err());
+        let unknown_role = Identities::parse(r#"{"identities":[{"name":"a","roles":["Reader"]}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown_role.contains("\"Reader\"") && unknown_role.contains("Data Owner"),
+            "{unknown_role}"
+        );
         assert!(matches!(
             Identities::parse(r#"{"identities":[{"name":"a"},{"name":"a"}]}"#),
             Err(IdentitiesError::Duplicate(_))

@@ -150,8 +150,12 @@ pub struct VerifyingKey {
 impl VerifyingKey {
     /// The key as a JWK (`kty` EC, `crv` P-256), for JWKS documents.
     pub fn to_jwk(&self) -> Value {
-        // An uncompressed point is 0x04 || X (32 bytes) || Y (32 bytes).
-        let (x, y) = self.public.get(1..).unwrap_or_default().split_at(32);
+        // An uncompressed point is 0x04 || X (32 bytes) || Y (32 bytes); ring only makes those.
+        let (x, y) = self
+            .public
+            .get(1..)
+            .and_then(|xy| xy.split_at_checked(32))
+            .unwrap_or_default();
         json!({
             "kty": "EC",
             "crv": "P-256",

@@ -60,6 +60,9 @@ struct ServeArgs {
     /// The identity workload.env is written for.
     #[arg(long, default_value = DEFAULT_IDENTITY)]
     identity: String,
+    /// The RootManageSharedAccessKey (any non-empty string); default: random on every start.
+    #[arg(long, env = "SBLOCAL_SAS_KEY", hide_env_values = true)]
+    sas_key: Option<String>,
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     token_lifetime: u64,
@@ -131,8 +134,15 @@ fn serve_options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         identities,
         identity: args.identity,
         token_lifetime: Duration::from_secs(args.token_lifetime),
+        sas_key: args.sas_key,
     };
     options.workload_identity().context("--identity")?;
+    if let Some(key) = &options.sas_key {
+        // It ends up in a connection string: `;` would split it, whitespace would be trimmed.
+        if key.is_empty() || key.contains(';') || key.trim() != key {
+            anyhow::bail!("--sas-key must be non-empty, without ';' or surrounding spaces");
+        }
+    }
     Ok(options)
 }
 

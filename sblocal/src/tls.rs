@@ -28,7 +28,6 @@ pub struct Pki {
 
 impl Pki {
     /// Generates a new CA and server certificate (SANs `localhost`, `127.0.0.1`, `::1`).
-    /// `alpn` lists the protocols to offer (empty for AMQP; `http/1.1` for HTTPS).
     pub fn generate() -> Result<Self, TlsError> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::default();

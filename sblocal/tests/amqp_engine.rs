@@ -1,4 +1,4 @@
-//! The broker driven frame by frame over an in-memory stream: what Service Bus clients rely on
+//! The broker driven frame by frame over an in-memory stream (and TCP for the throughput run): what Service Bus clients rely on
 //! (pipelined open, `$cbs`, 16-byte lock-token tags, settled echoes, splitting, drain) and how
 //! bad input is answered without affecting other connections.
 
@@ -22,7 +22,7 @@ use sblocal::auth::{AuthError, Grant, Rights, TokenValidator};
 use sblocal::broker::Broker;
 use sblocal::config::QueueSpec;
 use serde_bytes::ByteBuf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const QUEUE: &str = "orders";
 
@@ -41,6 +41,17 @@ impl TokenValidator for TestValidator {
                 send: true,
                 ..Rights::default()
             },
+            "brief" => {
+                return Ok(Grant {
+                    rights: Rights {
+                        send: true,
+                        listen: true,
+                        manage: false,
+                    },
+                    expires_at: SystemTime::now() + Duration::from_millis(300),
+                    subject: "brief".into(),
+                })
+            }
             "expired" => return Err(AuthError::Expired),
             other => return Err(AuthError::Malformed(other.to_string())),
         };
@@ -61,8 +72,13 @@ fn broker() -> Arc<Broker> {
     Broker::new(vec![spec], Arc::new(TestValidator))
 }
 
+/// Either end of an in-memory pipe or a TCP socket.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 struct Client {
-    stream: DuplexStream,
+    stream: Box<dyn Stream>,
     input: BytesMut,
     output: BytesMut,
 }
@@ -72,7 +88,7 @@ fn connect(broker: &Arc<Broker>) -> Client {
     let broker = broker.clone();
     tokio::spawn(async move { broker.serve_connection(server).await });
     Client {
-        stream: client,
+        stream: Box::new(client),
         input: BytesMut::new(),
         output: BytesMut::new(),
     }
@@ -880,14 +896,115 @@ async fn server_busy_rejects_sends() {
     assert_eq!(active(&broker), 0);
 }
 
-/// The broker's own ceiling over an in-memory stream (run with `--ignored --nocapture`, in
-/// release mode, to see the numbers; nothing is asserted about time).
+/// Sends `count` 1 KB messages, `per_transfer` to a transfer (more than one: a Service Bus
+/// batch), keeping up to 2000 transfers unsettled; returns messages per second.
+async fn measure_sends(client: &mut Client, handle: u32, count: u32, per_transfer: u32) -> f64 {
+    let single = data_message(&[b'x'; 1024]);
+    let payload = if per_transfer == 1 {
+        single
+    } else {
+        let inner: Vec<Binary> = (0..per_transfer)
+            .map(|_| Binary::from(single.clone()))
+            .collect();
+        let batch = Message::builder().data_batch(inner).build();
+        serde_amqp::to_vec(&Serializable(batch)).expect("encode")
+    };
+    let transfers = count / per_transfer;
+    let started = std::time::Instant::now();
+    let (mut sent, mut settled) = (0u32, 0u32);
+    while settled < transfers {
+        while sent < transfers && sent - settled < 2000 {
+            let Performative::Transfer(mut t) =
+                transfer(handle, sent, &sent.to_be_bytes(), false, false)
+            else {
+                unreachable!("transfer() builds a transfer");
+            };
+            if per_transfer > 1 {
+                t.message_format = Some(0x8001_3700);
+            }
+            client.queue(0, Performative::Transfer(t), &payload);
+            sent += 1;
+        }
+        client.flush().await;
+        if let Some(Performative::Disposition(d)) =
+            client.frame().await.and_then(|f| f.performative)
+        {
+            settled += d.last.unwrap_or(d.first) - d.first + 1;
+        }
+    }
+    f64::from(transfers * per_transfer) / started.elapsed().as_secs_f64()
+}
+
+/// Receives `count` messages with 1000 credit, settling every 500 in one ranged disposition
+/// (peek-lock) or not at all (receive-and-delete); returns messages per second.
+async fn measure_receives(client: &mut Client, handle: u32, count: u32, peek_lock: bool) -> f64 {
+    let started = std::time::Instant::now();
+    let mut received = 0u32;
+    client.send(0, flow(handle, 0, 1000, false), &[]).await;
+    while received < count {
+        let frame = client.frame().await.expect("transfer");
+        let Some(Performative::Transfer(t)) = frame.performative else {
+            continue;
+        };
+        if t.more {
+            continue;
+        }
+        received += 1;
+        if received.is_multiple_of(500) {
+            if peek_lock {
+                let last = t.delivery_id.unwrap_or_default();
+                client.queue(
+                    0,
+                    Performative::Disposition(Disposition {
+                        role: Role::Receiver,
+                        first: last - 499,
+                        last: Some(last),
+                        settled: true,
+                        state: Some(DeliveryState::Accepted(Accepted {})),
+                        batchable: false,
+                    }),
+                    &[],
+                );
+            }
+            // Stop at `count`: this client does not read while it sends, so no more may come.
+            let credit = (count - received).min(1000);
+            client.queue(0, flow(handle, received, credit, false), &[]);
+            client.flush().await;
+        }
+    }
+    f64::from(count) / started.elapsed().as_secs_f64()
+}
+
+/// The broker's own ceiling over real TCP with a raw client: 1 KB messages in (single and
+/// batched) and out (peek-lock and receive-and-delete). Run with
+/// `cargo test --release -p sblocal --test amqp_engine throughput_ceiling -- --ignored --nocapture`;
+/// nothing is asserted about time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput_ceiling() {
     const COUNT: u32 = 50_000;
     let broker = broker();
-    let mut client = connect(&broker);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let serving = broker.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let broker = serving.clone();
+            tokio::spawn(async move { broker.serve_connection(stream).await });
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut client = Client {
+        stream: Box::new(stream),
+        input: BytesMut::new(),
+        output: BytesMut::new(),
+    };
     client.open(256 * 1024).await;
     assert_eq!(client.put_token("owner").await, 202);
     client
@@ -905,68 +1022,119 @@ async fn throughput_ceiling() {
         .await;
     client.performative().await;
     client.performative().await;
-    let message = data_message(&[b'x'; 1024]);
-    let started = std::time::Instant::now();
-    let mut settled = 0u32;
-    let mut sent = 0u32;
-    while settled < COUNT {
-        while sent < COUNT && sent - settled < 2000 {
-            client.queue(
-                0,
-                transfer(1, sent, &sent.to_be_bytes(), false, false),
-                &message,
-            );
-            sent += 1;
-        }
-        client.flush().await;
-        if let Some(Performative::Disposition(d)) =
-            client.frame().await.and_then(|f| f.performative)
-        {
-            settled += d.last.unwrap_or(d.first) - d.first + 1;
-        }
-    }
-    let elapsed = started.elapsed();
-    println!("in: {:.0} msg/s", f64::from(COUNT) / elapsed.as_secs_f64());
-    assert_eq!(active(&broker), u64::from(COUNT));
 
+    let single_in = measure_sends(&mut client, 1, COUNT, 1).await;
     attach_receiver(&mut client, 2, SenderSettleMode::Unsettled).await;
-    let started = std::time::Instant::now();
-    let mut received = 0u32;
-    client.send(0, flow(2, 0, 1000, false), &[]).await;
-    while received < COUNT {
-        let frame = client.frame().await.expect("transfer");
-        if let Some(Performative::Transfer(t)) = frame.performative {
-            received += 1;
-            if received.is_multiple_of(500) {
-                let id = t.delivery_id.unwrap_or_default();
-                client.queue(
-                    0,
-                    Performative::Disposition(Disposition {
-                        role: Role::Receiver,
-                        first: id - 499,
-                        last: Some(id),
-                        settled: true,
-                        state: Some(DeliveryState::Accepted(Accepted {})),
-                        batchable: false,
-                    }),
-                    &[],
-                );
-                client.queue(0, flow(2, received, 1000, false), &[]);
-                client.flush().await;
-            }
-        }
-    }
-    let elapsed = started.elapsed();
-    println!(
-        "out (peek-lock, settled in ranges): {:.0} msg/s",
-        f64::from(COUNT) / elapsed.as_secs_f64()
-    );
+    let peek_lock_out = measure_receives(&mut client, 2, COUNT, true).await;
+    let batched_in = measure_sends(&mut client, 1, COUNT, 100).await;
+    client
+        .send(
+            0,
+            attach("rad", 3, Role::Receiver, QUEUE, SenderSettleMode::Settled),
+            &[],
+        )
+        .await;
+    client.performative().await;
+    let delete_out = measure_receives(&mut client, 3, COUNT, false).await;
+    println!("1 KB messages over TCP, one connection:");
+    println!("  in, one message per transfer:      {single_in:>9.0} msg/s");
+    println!("  in, batches of 100:                {batched_in:>9.0} msg/s");
+    println!("  out, peek-lock (ranged settlement): {peek_lock_out:>9.0} msg/s");
+    println!("  out, receive-and-delete:           {delete_out:>9.0} msg/s");
     // The last settlement may still be in flight.
     for _ in 0..500 {
         if active(&broker) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(active(&broker), 0);
+}
+
+#[tokio::test]
+async fn heartbeats_follow_the_clients_idle_timeout() {
+    let broker = broker();
+    let mut client = connect(&broker);
+    client.sasl_anonymous().await;
+    client.output.extend_from_slice(b"AMQP\x00\x01\x00\x00");
+    let Performative::Open(mut open) = open(64 * 1024) else {
+        panic!("open");
+    };
+    open.idle_time_out = Some(100);
+    client.queue(0, Performative::Open(open), &[]);
+    client.flush().await;
+    assert_eq!(&client.header().await, b"AMQP\x00\x01\x00\x00");
+    assert!(matches!(client.performative().await, Performative::Open(_)));
+    // Nothing else is going on, so what arrives now are empty (heartbeat) frames.
+    for _ in 0..2 {
+        let raw = client.raw_frame().await.expect("heartbeat");
+        assert!(raw.body.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_delivered_once_the_token_expired() {
+    let broker = broker();
+    let mut receiving = connect(&broker);
+    receiving.open(64 * 1024).await;
+    assert_eq!(receiving.put_token("brief").await, 202);
+    attach_receiver(&mut receiving, 2, SenderSettleMode::Unsettled).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let mut sending = connect(&broker);
+    sending.open(64 * 1024).await;
+    assert_eq!(sending.put_token("owner").await, 202);
+    send_messages(&mut sending, 1, QUEUE, &[b"for nobody"]).await;
+
+    receiving.send(0, flow(2, 0, 1, false), &[]).await;
+    let next = tokio::time::timeout(Duration::from_millis(300), receiving.frame()).await;
+    assert!(
+        next.is_err(),
+        "a delivery went out on an expired token: {next:?}"
+    );
+    assert_eq!(active(&broker), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_writes_before_it_reads_does_not_wedge_the_connection() {
+    let broker = broker();
+    let (stream, server) = tokio::io::duplex(64 * 1024);
+    let serving = broker.clone();
+    tokio::spawn(async move { serving.serve_connection(server).await });
+    let mut client = Client {
+        stream: Box::new(stream),
+        input: BytesMut::new(),
+        output: BytesMut::new(),
+    };
+    client.open(64 * 1024).await;
+    assert_eq!(client.put_token("owner").await, 202);
+    attach_receiver(&mut client, 2, SenderSettleMode::Settled).await;
+    client.send(0, flow(2, 0, 2000, false), &[]).await;
+    client
+        .send(
+            0,
+            attach("sender", 1, Role::Sender, QUEUE, SenderSettleMode::Settled),
+            &[],
+        )
+        .await;
+    // 2 MB of sends in one write, far beyond the pipe, while every message is delivered
+    // straight back to this same client, which reads nothing until it has written it all.
+    let message = data_message(&[b'z'; 1024]);
+    for i in 0..2000u32 {
+        client.queue(0, transfer(1, i, &i.to_be_bytes(), true, false), &message);
+    }
+    let written = tokio::time::timeout(Duration::from_secs(10), client.flush()).await;
+    assert!(
+        written.is_ok(),
+        "the broker stopped reading while its writes were blocked"
+    );
+    let mut delivered = 0;
+    while delivered < 2000 {
+        if let Some(Performative::Transfer(t)) = client.frame().await.and_then(|f| f.performative) {
+            if !t.more {
+                delivered += 1;
+            }
+        }
     }
     assert_eq!(active(&broker), 0);
 }

@@ -31,7 +31,6 @@ impl Cbs {
     pub async fn attach(
         session: &mut SessionHandle<()>,
         credentials: Arc<Credentials>,
-        _timeout: Duration,
     ) -> Result<Self, ServiceBusError> {
         let client = CbsClient::builder()
             .management_node_address(CBS_NODE)

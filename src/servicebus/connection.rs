@@ -60,7 +60,7 @@ impl AmqpConnection {
         let cbs = with_timeout(
             "attach $cbs",
             timeout,
-            Cbs::attach(&mut session, credentials, timeout),
+            Cbs::attach(&mut session, credentials),
         )
         .await?;
         tracing::debug!(host = %namespace.host, port = namespace.port, "connected");

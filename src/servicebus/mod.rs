@@ -7,6 +7,7 @@
 
 pub mod cbs;
 pub mod connection;
+pub mod diagnostics;
 mod link_errors;
 pub mod management;
 pub mod receiver;
@@ -164,8 +165,9 @@ pub fn backoff_delay(retry: &RetryConfig, attempt: u32) -> Duration {
     half + Duration::from_millis(jitter_ms)
 }
 
-/// Retry `operation` while it fails transiently, up to `retry.max_attempts` retries.
-/// `on_retry` runs before each retry (to count reconnects, log).
+/// Retry `operation` while it fails transiently, up to `retry.max_attempts` retries, waiting
+/// [`backoff_delay`] between tries. The operation gets the attempt number (0 first), so it
+/// can count reconnects.
 pub async fn retry<T, F, Fut>(
     what: &str,
     retry: &RetryConfig,

@@ -20,8 +20,9 @@ use fe2o3_amqp::types::definitions::{self, Fields, ReceiverSettleMode, SenderSet
 use fe2o3_amqp::types::messaging::{
     Body, Message, MessageAnnotations, MessageId, Modified, Rejected,
 };
-use fe2o3_amqp::types::primitives::{Symbol, Value};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
 
+use super::diagnostics::DIAGNOSTIC_ID;
 use super::link_errors;
 use super::management::{timestamp_to_system_time, Management};
 use super::{with_timeout, AmqpConnection, ServiceBusError};
@@ -38,6 +39,8 @@ pub struct ReceivedMessage {
     pub delivery_count: u32,
     pub locked_until: Option<SystemTime>,
     pub sequence_number: Option<i64>,
+    /// The sender's trace context (`Diagnostic-Id`), if it sent one.
+    pub diagnostic_id: Option<String>,
 }
 
 impl std::fmt::Debug for ReceivedMessage {
@@ -220,9 +223,17 @@ impl QueueReceiver {
         let Some(management) = self.management.as_mut() else {
             return Err(ServiceBusError::Protocol("management link missing".into()));
         };
-        let expirations = management
-            .renew_locks(&[message.lock_token], timeout)
-            .await?;
+        let expirations = match management.renew_locks(&[message.lock_token], timeout).await {
+            Ok(expirations) => expirations,
+            Err(err) => {
+                // fe2o3's management client does not match responses to requests: after a
+                // timeout a late answer would be read as the next call's. Start afresh.
+                if let Some(management) = self.management.take() {
+                    tokio::spawn(management.close());
+                }
+                return Err(err);
+            }
+        };
         expirations.into_iter().next().ok_or_else(|| {
             ServiceBusError::Protocol("renew lock: the answer has no expiration".into())
         })
@@ -270,8 +281,17 @@ fn to_received(info: DeliveryInfo, tag: &[u8], message: Message<Body<Value>>) ->
         Value::Ulong(n) => i64::try_from(*n).ok(),
         _ => None,
     });
+    let diagnostic_id = message
+        .application_properties
+        .as_ref()
+        .and_then(|props| props.0.get(DIAGNOSTIC_ID))
+        .and_then(|value| match value {
+            SimpleValue::String(text) => Some(text.clone()),
+            _ => None,
+        });
     ReceivedMessage {
         info,
+        diagnostic_id,
         lock_token,
         message_id,
         body: body_of(message.body),

@@ -4,7 +4,6 @@
 //! sequence of data sections, each holding one complete encoded message. The broker stores
 //! each as its own message and settles the transfer once for all of them.
 
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,30 +62,52 @@ pub fn data_section_size(len: usize) -> u64 {
     3 + header + len as u64
 }
 
-/// Split encoded messages into as few consecutive batches as fit in `max_size` bytes each.
-pub fn pack(encoded: &[Vec<u8>], max_size: u64) -> Result<Vec<Range<usize>>, ServiceBusError> {
-    let mut batches = Vec::new();
-    let mut start = 0;
-    let mut size = 0u64;
-    for (index, message) in encoded.iter().enumerate() {
-        let section = data_section_size(message.len());
-        if section > max_size {
+/// Collects encoded messages into one batch up to the link's maximum message size. Filling
+/// batches in order this way gives the fewest batches for a sequence of messages.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    max_size: u64,
+    size: u64,
+    messages: Vec<Vec<u8>>,
+}
+
+impl BatchBuilder {
+    pub fn new(max_size: u64) -> Self {
+        Self {
+            max_size,
+            size: 0,
+            messages: Vec::new(),
+        }
+    }
+
+    /// Add `encoded` if it fits. When the batch is full the message is handed back: send
+    /// this batch, then add it to the next. A message that fits no batch is an error.
+    pub fn try_push(&mut self, encoded: Vec<u8>) -> Result<Option<Vec<u8>>, ServiceBusError> {
+        let section = data_section_size(encoded.len());
+        if section > self.max_size {
             return Err(ServiceBusError::MessageTooLarge(format!(
-                "a message of {} bytes does not fit the queue's limit of {max_size} bytes",
-                message.len()
+                "a message of {} bytes does not fit the queue's limit of {} bytes",
+                encoded.len(),
+                self.max_size
             )));
         }
-        if size + section > max_size {
-            batches.push(start..index);
-            start = index;
-            size = 0;
+        if self.size + section > self.max_size {
+            return Ok(Some(encoded));
         }
-        size += section;
+        self.size += section;
+        self.messages.push(encoded);
+        Ok(None)
     }
-    if start < encoded.len() {
-        batches.push(start..encoded.len());
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
     }
-    Ok(batches)
+
+    /// The collected messages; the builder starts a new, empty batch.
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        self.size = 0;
+        std::mem::take(&mut self.messages)
+    }
 }
 
 /// A sender link on a queue, with the connection it lives on.
@@ -217,15 +238,37 @@ mod tests {
         }
     }
 
+    /// Split like the producer does: fill a batch until a message is handed back.
+    fn pack(encoded: &[Vec<u8>], max_size: u64) -> Result<Vec<usize>, ServiceBusError> {
+        let mut builder = BatchBuilder::new(max_size);
+        let mut sizes = Vec::new();
+        for message in encoded {
+            if let Some(back) = builder.try_push(message.clone())? {
+                sizes.push(builder.take().len());
+                assert_eq!(builder.try_push(back)?, None, "fits an empty batch");
+            }
+        }
+        if !builder.is_empty() {
+            sizes.push(builder.take().len());
+        }
+        Ok(sizes)
+    }
+
     #[test]
-    fn packing_uses_as_few_batches_as_fit() {
+    fn batches_are_filled_to_the_limit() {
         let encoded: Vec<Vec<u8>> = (0..100)
             .map(|i| encode(&message(i, 100)).expect("encode"))
             .collect();
         let one = data_section_size(encoded[0].len());
-        assert_eq!(pack(&encoded, 256 * 1024).expect("pack"), vec![0..100]);
-        let batches = pack(&encoded, one * 30).expect("pack");
-        assert_eq!(batches, vec![0..30, 30..60, 60..90, 90..100]);
+        assert_eq!(pack(&encoded, 256 * 1024).expect("pack"), vec![100]);
+        assert_eq!(
+            pack(&encoded, one * 30).expect("pack"),
+            vec![30, 30, 30, 10]
+        );
+        assert_eq!(
+            pack(&encoded, one * 30 + one - 1).expect("pack"),
+            vec![30, 30, 30, 10]
+        );
         assert!(matches!(
             pack(&encoded, one - 1),
             Err(ServiceBusError::MessageTooLarge(_))

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use fe2o3_amqp_types::definitions::{
     AmqpError, ConnectionError, Error, Fields, Handle, LinkError, Role, SenderSettleMode,
     SessionError,
@@ -19,10 +19,9 @@ use fe2o3_amqp_types::performatives::{
 use fe2o3_amqp_types::primitives::{Array, Symbol};
 use fe2o3_amqp_types::sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome};
 use serde_bytes::ByteBuf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 
-use super::codec;
 use super::frame::{self, FrameError, ProtocolHeader, FRAME_TYPE_AMQP, FRAME_TYPE_SASL};
 
 /// Identifies a link within one connection.
@@ -131,12 +130,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: Handler,
 {
-    let mut io = Io {
-        stream,
-        input: BytesMut::with_capacity(64 * 1024),
-        output: BytesMut::with_capacity(64 * 1024),
-    };
-    tokio::time::timeout(config.handshake_timeout, negotiate(&mut io, config))
+    let mut io = Io::new(stream);
+    tokio::time::timeout(config.handshake_timeout, negotiate(&mut io))
         .await
         .map_err(|_| EngineError::Timeout)??;
     let mut connection = Connection::new(handler, config);
@@ -145,27 +140,71 @@ where
     result
 }
 
+/// Largest amount of unprocessed input buffered while a write is pending.
+const MAX_BUFFERED_INPUT: usize = 16 * 1024 * 1024;
+
 struct Io<S> {
-    stream: S,
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
     input: BytesMut,
     output: BytesMut,
+    /// The peer closed its side while we were writing.
+    peer_closed: bool,
+    /// Input arrived during the last flush and waits to be handled.
+    read_while_flushing: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    /// Reads more bytes; `false` at end of stream.
-    async fn fill(&mut self) -> Result<bool, EngineError> {
+    fn new(stream: S) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        Self {
+            reader,
+            writer,
+            input: BytesMut::with_capacity(64 * 1024),
+            output: BytesMut::with_capacity(64 * 1024),
+            peer_closed: false,
+            read_while_flushing: false,
+        }
+    }
+
+    fn reserve_input(&mut self) {
         if self.input.capacity() - self.input.len() < 16 * 1024 {
             self.input.reserve(64 * 1024);
         }
-        Ok(self.stream.read_buf(&mut self.input).await? > 0)
     }
 
-    async fn flush(&mut self) -> Result<(), EngineError> {
-        if !self.output.is_empty() {
-            self.stream.write_all(&self.output).await?;
-            self.output.clear();
-            self.stream.flush().await?;
+    /// Reads more bytes; `false` at end of stream.
+    async fn fill(&mut self) -> Result<bool, EngineError> {
+        if self.peer_closed {
+            return Ok(false);
         }
+        self.reserve_input();
+        Ok(self.reader.read_buf(&mut self.input).await? > 0)
+    }
+
+    /// Writes all pending output. Keeps reading meanwhile, so a client that writes a lot
+    /// before it reads cannot wedge both sides on full socket buffers.
+    async fn flush(&mut self) -> Result<(), EngineError> {
+        while !self.output.is_empty() {
+            self.reserve_input();
+            let may_read = !self.peer_closed && self.input.len() < MAX_BUFFERED_INPUT;
+            tokio::select! {
+                written = self.writer.write(&self.output) => {
+                    let written = written?;
+                    if written == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                    }
+                    self.output.advance(written);
+                }
+                read = self.reader.read_buf(&mut self.input), if may_read => {
+                    if read? == 0 {
+                        self.peer_closed = true;
+                    }
+                    self.read_while_flushing = true;
+                }
+            }
+        }
+        self.writer.flush().await?;
         Ok(())
     }
 
@@ -194,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 }
 
 /// Protocol headers and SASL, up to the point where AMQP frames flow.
-async fn negotiate<S>(io: &mut Io<S>, config: &EngineConfig) -> Result<(), EngineError>
+async fn negotiate<S>(io: &mut Io<S>) -> Result<(), EngineError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -210,7 +249,6 @@ where
         Some(ProtocolHeader::Amqp) => {}
         _ => return refuse_header(io).await,
     }
-    let _ = config;
     io.output.extend_from_slice(&ProtocolHeader::Amqp.bytes());
     Ok(())
 }
@@ -303,7 +341,10 @@ struct Connection<H> {
     local_max_frame: u32,
     remote_max_frame: u32,
     container_id: String,
+    /// We sent our `open`.
     opened: bool,
+    /// The client's `open` arrived.
+    peer_opened: bool,
     heartbeat: Option<Duration>,
     sessions: HashMap<u16, Session>,
     links: HashMap<LinkKey, Link>,
@@ -312,7 +353,8 @@ struct Connection<H> {
     closing: bool,
 }
 
-enum Flow_ {
+/// Whether the connection loop goes on after a frame.
+enum Next {
     Continue,
     Stop,
 }
@@ -325,6 +367,7 @@ impl<H: Handler> Connection<H> {
             remote_max_frame: frame::MIN_MAX_FRAME_SIZE,
             container_id: config.container_id.clone(),
             opened: false,
+            peer_opened: false,
             heartbeat: None,
             sessions: HashMap::new(),
             links: HashMap::new(),
@@ -352,8 +395,8 @@ impl<H: Handler> Connection<H> {
                     }
                 };
                 match self.on_frame(io, raw) {
-                    Ok(Flow_::Continue) => {}
-                    Ok(Flow_::Stop) => {
+                    Ok(Next::Continue) => {}
+                    Ok(Next::Stop) => {
                         io.flush().await?;
                         return Ok(());
                     }
@@ -374,6 +417,9 @@ impl<H: Handler> Connection<H> {
             io.flush().await?;
             if self.closing {
                 return Ok(());
+            }
+            if std::mem::take(&mut io.read_while_flushing) {
+                continue;
             }
             if heartbeat_period != self.heartbeat {
                 heartbeat_period = self.heartbeat;
@@ -410,8 +456,13 @@ impl<H: Handler> Connection<H> {
             // A close must follow an open (AMQP 1.0, 2.4.5).
             self.send_open(io)?;
         }
+        // All three error fields present: pyamqp reads them positionally.
         let close = Performative::Close(Close {
-            error: Some(Error::new(condition, Some(description), None)),
+            error: Some(Error::new(
+                condition,
+                Some(description),
+                Some(Fields::default()),
+            )),
         });
         frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, 0, &close, &[])?;
         Ok(())
@@ -440,24 +491,24 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         condition: impl Into<fe2o3_amqp_types::definitions::ErrorCondition>,
         description: String,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         self.close_with(io, condition.into(), description)?;
-        Ok(Flow_::Stop)
+        Ok(Next::Stop)
     }
 
-    fn on_frame<S>(&mut self, io: &mut Io<S>, raw: frame::RawFrame) -> Result<Flow_, EngineError> {
+    fn on_frame<S>(&mut self, io: &mut Io<S>, raw: frame::RawFrame) -> Result<Next, EngineError> {
         if self.closing {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         }
         let decoded = match frame::decode_amqp(raw) {
             Ok(decoded) => decoded,
             Err(e) => return self.protocol_error(io, AmqpError::DecodeError, e.to_string()),
         };
         let Some(performative) = decoded.performative else {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         let channel = decoded.channel;
-        if !self.opened_by_peer() && !matches!(performative, Performative::Open(_)) {
+        if !self.peer_opened && !matches!(performative, Performative::Open(_)) {
             return self.protocol_error(io, AmqpError::IllegalState, "expected open".into());
         }
         match performative {
@@ -484,19 +535,16 @@ impl<H: Handler> Connection<H> {
                     &[],
                 )?;
                 self.closing = true;
-                Ok(Flow_::Stop)
+                Ok(Next::Stop)
             }
         }
     }
 
-    fn opened_by_peer(&self) -> bool {
-        self.opened
-    }
-
-    fn on_open<S>(&mut self, io: &mut Io<S>, open: Open) -> Result<Flow_, EngineError> {
-        if self.opened {
+    fn on_open<S>(&mut self, io: &mut Io<S>, open: Open) -> Result<Next, EngineError> {
+        if self.peer_opened {
             return self.protocol_error(io, AmqpError::IllegalState, "second open".into());
         }
+        self.peer_opened = true;
         self.remote_max_frame = open.max_frame_size.0.max(frame::MIN_MAX_FRAME_SIZE);
         // Keep the peer's idle timer happy: send something at half its timeout.
         self.heartbeat = open
@@ -504,7 +552,7 @@ impl<H: Handler> Connection<H> {
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(u64::from(ms) / 2));
         self.send_open(io)?;
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn on_begin<S>(
@@ -512,7 +560,7 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         channel: u16,
         begin: Begin,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         if self.sessions.contains_key(&channel) || begin.remote_channel.is_some() {
             return self.protocol_error(
                 io,
@@ -544,7 +592,7 @@ impl<H: Handler> Connection<H> {
         });
         frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, channel, &reply, &[])?;
         self.sessions.insert(channel, session);
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn on_attach<S>(
@@ -552,7 +600,7 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         channel: u16,
         attach: Attach,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return self.protocol_error(
                 io,
@@ -653,7 +701,7 @@ impl<H: Handler> Connection<H> {
                 self.handler.detach(key);
             }
         }
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn on_flow<S>(
@@ -661,7 +709,7 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         channel: u16,
         flow: Flow,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return self.protocol_error(
                 io,
@@ -681,7 +729,7 @@ impl<H: Handler> Connection<H> {
                 let reply = session_flow(session);
                 frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, channel, &reply, &[])?;
             }
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         let Some(key) = session.handles.get(&handle.0).copied() else {
             return self.protocol_error(
@@ -691,7 +739,7 @@ impl<H: Handler> Connection<H> {
             );
         };
         let Some(link) = self.links.get_mut(&key) else {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         if link.we_send {
             let peer_count = flow.delivery_count.unwrap_or(0);
@@ -709,7 +757,7 @@ impl<H: Handler> Connection<H> {
             let reply = link_flow(session, link, link.drain);
             frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, channel, &reply, &[])?;
         }
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn on_transfer<S>(
@@ -718,7 +766,7 @@ impl<H: Handler> Connection<H> {
         channel: u16,
         transfer: Transfer,
         payload: Bytes,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return self.protocol_error(
                 io,
@@ -735,7 +783,7 @@ impl<H: Handler> Connection<H> {
         }
         let handle = transfer.handle.0;
         let key = match session.handles.get(&handle) {
-            Some(0) => return Ok(Flow_::Continue), // refused link awaiting the client's detach
+            Some(0) => return Ok(Next::Continue), // refused link awaiting the client's detach
             Some(key) => *key,
             None => {
                 return self.protocol_error(
@@ -746,7 +794,7 @@ impl<H: Handler> Connection<H> {
             }
         };
         let Some(link) = self.links.get_mut(&key) else {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         if link.we_send {
             return self.protocol_error(
@@ -757,7 +805,7 @@ impl<H: Handler> Connection<H> {
         }
         if transfer.aborted {
             link.partial = None;
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         }
         let mut partial = match link.partial.take() {
             Some(partial) => partial,
@@ -789,7 +837,7 @@ impl<H: Handler> Connection<H> {
                     "The message exceeds the link's maximum message size of {} bytes.",
                     link.max_message_size
                 )),
-                None,
+                Some(Fields::default()),
             );
             return self.detach_link(io, key, Some(error));
         }
@@ -801,7 +849,7 @@ impl<H: Handler> Connection<H> {
             partial.payload.extend_from_slice(&payload);
             if !complete {
                 link.partial = Some(partial);
-                return Ok(Flow_::Continue);
+                return Ok(Next::Continue);
             }
             std::mem::take(&mut partial.payload).freeze()
         };
@@ -819,9 +867,9 @@ impl<H: Handler> Connection<H> {
         match self.handler.transfer(key, message) {
             Ok(Some(state)) if !settled => {
                 session.settle_incoming.push((partial.delivery_id, state));
-                Ok(Flow_::Continue)
+                Ok(Next::Continue)
             }
-            Ok(_) => Ok(Flow_::Continue),
+            Ok(_) => Ok(Next::Continue),
             Err(error) => self.detach_link(io, key, Some(error)),
         }
     }
@@ -831,7 +879,7 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         channel: u16,
         disposition: Disposition,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return self.protocol_error(
                 io,
@@ -841,12 +889,12 @@ impl<H: Handler> Connection<H> {
         };
         // The client settling its own sends: we settled those already.
         if disposition.role == Role::Sender {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         }
         let first = disposition.first;
         let last = disposition.last.unwrap_or(first);
         if last < first {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         }
         // Walk what we track, not the (peer-controlled) range.
         let ids: Vec<u32> = session
@@ -868,7 +916,7 @@ impl<H: Handler> Connection<H> {
                 session.settle_outgoing.push((id, state));
             }
         }
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn on_detach<S>(
@@ -876,7 +924,7 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         channel: u16,
         detach: Detach,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
             return self.protocol_error(
                 io,
@@ -886,11 +934,11 @@ impl<H: Handler> Connection<H> {
         };
         let handle = detach.handle.0;
         let Some(key) = session.handles.remove(&handle) else {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         if key == 0 {
             // Answer to our refusal: nothing more to say.
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         }
         session.unsettled.retain(|_, (link, _)| *link != key);
         if self.links.remove(&key).is_some() {
@@ -902,7 +950,7 @@ impl<H: Handler> Connection<H> {
             });
             frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, channel, &reply, &[])?;
         }
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     /// Detaches a link from our side with an error.
@@ -911,9 +959,9 @@ impl<H: Handler> Connection<H> {
         io: &mut Io<S>,
         key: LinkKey,
         error: Option<Error>,
-    ) -> Result<Flow_, EngineError> {
+    ) -> Result<Next, EngineError> {
         let Some(link) = self.links.remove(&key) else {
-            return Ok(Flow_::Continue);
+            return Ok(Next::Continue);
         };
         if let Some(session) = self.sessions.get_mut(&link.channel) {
             // Keep the handle reserved (as refused) until the client's detach arrives.
@@ -927,10 +975,10 @@ impl<H: Handler> Connection<H> {
             error,
         });
         frame::encode_frame(&mut io.output, FRAME_TYPE_AMQP, link.channel, &detach, &[])?;
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
-    fn on_end<S>(&mut self, io: &mut Io<S>, channel: u16, _end: End) -> Result<Flow_, EngineError> {
+    fn on_end<S>(&mut self, io: &mut Io<S>, channel: u16, _end: End) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.remove(&channel) else {
             return self.protocol_error(
                 io,
@@ -950,7 +998,7 @@ impl<H: Handler> Connection<H> {
             &Performative::End(End { error: None }),
             &[],
         )?;
-        Ok(Flow_::Continue)
+        Ok(Next::Continue)
     }
 
     fn end_all_links(&mut self) {
@@ -1138,9 +1186,4 @@ fn send_transfer(
         session.unsettled.insert(delivery_id, (key, message.tag));
     }
     Ok(())
-}
-
-/// A `described` performative length, exposed for fuzzing the frame decoder.
-pub fn performative_len(body: &[u8]) -> Option<usize> {
-    codec::described_len(body).ok()
 }

@@ -311,11 +311,18 @@ mod tests {
         }));
         let disposition = Value::Described(Box::new(serde_amqp::described::Described {
             descriptor: serde_amqp::descriptor::Descriptor::Code(0x15),
-            value: Value::List(vec![Value::Bool(true), Value::Uint(3), Value::Null, Value::Bool(false), rejected]),
+            value: Value::List(vec![
+                Value::Bool(true),
+                Value::Uint(3),
+                Value::Null,
+                Value::Bool(false),
+                rejected,
+            ]),
         }));
         let mut out = BytesMut::new();
         encode_frame(&mut out, FRAME_TYPE_AMQP, 0, &disposition, &[]).expect("encode");
-        let frame = decode_amqp(take_frame(&mut out, 4096).expect("ok").expect("some")).expect("lenient decode");
+        let frame = decode_amqp(take_frame(&mut out, 4096).expect("ok").expect("some"))
+            .expect("lenient decode");
         assert!(matches!(frame.performative, Some(Performative::Disposition(d)) if d.first == 3));
     }
 

@@ -70,8 +70,10 @@ pub struct BrokerConnection {
     next_tag: u64,
 }
 
+/// An error with all three fields present: pyamqp indexes condition, description and info
+/// positionally and fails on a shorter list.
 fn error(condition: impl Into<ErrorCondition>, description: impl Into<String>) -> Error {
-    Error::new(condition, Some(description.into()), None)
+    Error::new(condition, Some(description.into()), Some(Fields::default()))
 }
 
 fn vendor_error(condition: &str, description: impl Into<String>) -> Error {
@@ -318,7 +320,12 @@ impl BrokerConnection {
             Body::Value(AmqpValue(value)) => value.clone(),
             _ => Value::Null,
         };
-        let (status, description, value) = match self.require(entity, false) {
+        // Scheduling is a send; everything else on `$management` acts on received messages.
+        let sends = matches!(
+            operation.as_str(),
+            "com.microsoft:schedule-message" | "com.microsoft:cancel-scheduled-message"
+        );
+        let (status, description, value) = match self.require(entity, sends) {
             Err(e) => (401, e.description.unwrap_or_default(), Value::Null),
             Ok(()) => management_operation(queue, kind(entity), &operation, &body),
         };
@@ -672,12 +679,55 @@ fn management_operation(
             }
             (200, "OK".into(), map_value(Vec::new()))
         }
+        "com.microsoft:schedule-message" => schedule(queue, body),
+        "com.microsoft:cancel-scheduled-message" => {
+            let sequences: Vec<i64> = values(map_get(body, "sequence-numbers"))
+                .iter()
+                .filter_map(as_i64)
+                .collect();
+            queue.cancel_scheduled(&sequences);
+            (200, "OK".into(), map_value(Vec::new()))
+        }
         other => (
             501,
             format!("The operation '{other}' is not supported."),
             Value::Null,
         ),
     }
+}
+
+/// `schedule-message`: each entry's `message` is a complete encoded message carrying its
+/// scheduled enqueue time; answers with the assigned sequence numbers.
+fn schedule(queue: &Queue, body: &Value) -> (i32, String, Value) {
+    let mut parts = Vec::new();
+    for entry in values(map_get(body, "messages")) {
+        let Some(Value::Binary(encoded)) = map_get(&entry, "message") else {
+            return (
+                400,
+                "A scheduled message entry has no message.".into(),
+                Value::Null,
+            );
+        };
+        match MessageParts::parse(&Bytes::from(encoded.to_vec())) {
+            Ok(message) => parts.push(message),
+            Err(e) => {
+                return (
+                    400,
+                    format!("Malformed scheduled message: {e}"),
+                    Value::Null,
+                )
+            }
+        }
+    }
+    let sequences = queue.enqueue(parts).into_iter().map(Value::Long).collect();
+    (
+        200,
+        "OK".into(),
+        map_value(vec![(
+            "sequence-numbers",
+            Value::Array(fe2o3_amqp_types::primitives::Array(sequences)),
+        )]),
+    )
 }
 
 impl Handler for BrokerConnection {

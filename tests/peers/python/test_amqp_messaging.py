@@ -36,10 +36,10 @@ def send(sblocal, bodies, queue=None, **properties) -> None:
         sender.send_messages([ServiceBusMessage(body, **properties) for body in bodies])
 
 
-def receive(receiver, count: int):
+def receive(receiver, count: int, wait: float = WAIT):
     """Receives exactly `count` messages (several calls if the broker hands them out in parts)."""
     got = []
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + wait
     while len(got) < count and time.monotonic() < deadline:
         got += receiver.receive_messages(max_message_count=count - len(got), max_wait_time=1)
     return got
@@ -141,6 +141,8 @@ def test_amqp_dead_letter_with_reason_readable_from_dlq(sblocal):
         assert counts["active_messages"] == 0
         assert counts["dead_letter_messages"] == 1
         with sb.get_queue_receiver(sblocal.queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
+            [peeked] = dlq.peek_messages(max_message_count=5)
+            assert peeked.dead_letter_reason == "BadInput"
             [dead] = receive(dlq, 1)
             assert str(dead) == "poison"
             assert dead.dead_letter_reason == "BadInput"
@@ -264,3 +266,44 @@ def test_amqp_unknown_queue_is_not_found(sblocal):
         with pytest.raises(MessagingEntityNotFoundError):
             with sb.get_queue_receiver("no-such-queue") as receiver:
                 receiver.receive_messages(max_wait_time=1)
+
+
+def test_amqp_scheduled_messages_appear_later_and_can_be_cancelled(sblocal):
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=4)
+    much_later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    with client(sblocal) as sb:
+        with sb.get_queue_sender(sblocal.queue_name) as sender:
+            [cancelled] = sender.schedule_messages(ServiceBusMessage("never"), much_later)
+            sender.schedule_messages(ServiceBusMessage("scheduled"), soon)
+            sender.send_messages(ServiceBusMessage("annotated", scheduled_enqueue_time_utc=soon))
+            counts = queue_counts(sblocal)
+            assert counts["scheduled_messages"] == 3
+            assert counts["active_messages"] == 0
+            sender.cancel_scheduled_messages(cancelled)
+        assert queue_counts(sblocal)["scheduled_messages"] == 2
+        with sb.get_queue_receiver(sblocal.queue_name) as receiver:
+            early = receiver.receive_messages(max_message_count=2, max_wait_time=0.5)
+            if datetime.datetime.now(datetime.timezone.utc) < soon:
+                assert early == []
+            messages = early + receive(receiver, 2 - len(early), wait=15)
+            assert sorted(str(m) for m in messages) == ["annotated", "scheduled"]
+            for message in messages:
+                assert message.scheduled_enqueue_time_utc is not None
+                receiver.complete_message(message)
+    counts = queue_counts(sblocal)
+    assert counts["scheduled_messages"] == 0
+    assert counts["active_messages"] == 0
+
+
+def test_amqp_expired_messages_are_removed(sblocal):
+    send(sblocal, ["short-lived"], time_to_live=datetime.timedelta(seconds=1))
+    send(sblocal, ["long-lived"])
+    time.sleep(1.5)
+    with client(sblocal) as sb, sb.get_queue_receiver(sblocal.queue_name) as receiver:
+        [message] = receive(receiver, 1)
+        assert str(message) == "long-lived"
+        receiver.complete_message(message)
+        assert receiver.receive_messages(max_message_count=1, max_wait_time=1) == []
+    counts = queue_counts(sblocal)
+    assert counts["active_messages"] == 0
+    assert counts["dead_letter_messages"] == 0

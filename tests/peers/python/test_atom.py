@@ -234,3 +234,20 @@ def test_runtime_counts_follow_the_queue(sblocal):
     assert runtime.active_message_count == 3
     assert runtime.dead_letter_message_count == 1
     assert runtime.size_in_bytes > 0
+
+
+def test_fixed_sas_key_is_used_and_bad_ones_refused(sblocal_factory, tmp_path):
+    instance = sblocal_factory(extra_args=["--sas-key", "c3RhYmxlLWtleQ=="])
+    assert "SharedAccessKey=c3RhYmxlLWtleQ==;" in instance.connection_string
+    with https_admin_client(instance) as admin:
+        assert admin.get_queue_runtime_properties(instance.queue_name).active_message_count == 0
+    from conftest import sblocal_binary
+
+    result = subprocess.run(
+        [str(sblocal_binary()), "serve", "--dir", str(tmp_path / "bad"), "--sas-key", "a;b"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--sas-key" in result.stderr

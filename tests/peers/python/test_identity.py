@@ -300,3 +300,34 @@ def test_env_files_parse_with_conftest_reader(sblocal):
     assert read_env_file(sblocal.dir / "emulator.env") == sblocal.emulator_env
     assert sblocal.connection_string.endswith(";UseDevelopmentEmulator=true")
     assert f"sb://localhost:{sblocal.amqp_port};" in sblocal.connection_string
+
+
+def test_role_scoped_to_one_queue_does_not_reach_another(sblocal_factory, tmp_path, monkeypatch):
+    config = tmp_path / "Config.json"
+    config.write_text(
+        '{"UserConfig": {"Namespaces": [{"Name": "ns", "Queues": [{"Name": "orders"}, {"Name": "audit"}]}]}}'
+    )
+    identities = tmp_path / "identities.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "orders-writer",
+                        "roles": [{"role": "Azure Service Bus Data Sender", "scope": "orders"}],
+                        "federated_credentials": [{"subject": "system:serviceaccount:default:orders-writer"}],
+                    }
+                ]
+            }
+        )
+    )
+    instance = sblocal_factory(config=config, identities=identities, identity="orders-writer")
+    use_env(monkeypatch, instance, instance.workload_env)
+    with tls_client(instance, WorkloadIdentityCredential()) as client:
+        with client.get_queue_sender("orders") as sender:
+            sender.send_messages(ServiceBusMessage("in scope"))
+        with pytest.raises(AUTH_ERRORS):
+            with client.get_queue_sender("audit") as sender:
+                sender.send_messages(ServiceBusMessage("out of scope"))
+    queues = instance.stats()["queues"]
+    assert (queues["orders"]["active_messages"], queues["audit"]["active_messages"]) == (1, 0)

@@ -138,3 +138,25 @@ def test_our_consumer_takes_what_the_sdk_sends_and_dead_letters_undecodable(sblo
     counts = sblocal.stats()["queues"][sblocal.queue_name]
     assert counts["active_messages"] == 0
     assert counts["dead_letter_messages"] == 0
+
+
+def test_trace_context_travels_in_diagnostic_id(sblocal):
+    # Trace export on (to an endpoint that is not there: spans are dropped, messages are not).
+    result = run_demo(
+        sblocal.emulator_env,
+        OPERATION_MODE="producer",
+        MESSAGE_COUNT="3",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+    )
+    assert result.returncode == 0, describe(result)
+    with ServiceBusClient.from_connection_string(sblocal.connection_string) as sb:
+        with sb.get_queue_receiver(sblocal.queue_name, max_wait_time=5) as receiver:
+            got = receiver.receive_messages(max_message_count=3, max_wait_time=5)
+            for message in got:
+                receiver.complete_message(message)
+    assert len(got) == 3
+    ids = {m.application_properties[b"Diagnostic-Id"].decode() for m in got}
+    assert len(ids) == 1, "one producer run, one trace"
+    version, trace_id, span_id, flags = ids.pop().split("-")
+    assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01")
+
