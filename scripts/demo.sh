@@ -419,10 +419,9 @@ run_workload scaler "$scaler_log" OPERATION_MODE=scaler SCALER_GRPC_ADDR=127.0.0
   SCALER_CACHE_TTL=250ms METRICS_ADDR=127.0.0.1:0 "$bin_dir/servicebusdemo"
 scaler_pid=$last_pid
 wait_for_line "$scaler_log" 'metrics_addr=' 30 "$scaler_pid" "the scaler"
-wait_for_line "$scaler_log" '[Ee]xternal[Ss]caler.* addr=' 30 "$scaler_pid" "the scaler's gRPC server"
+wait_for_line "$scaler_log" 'grpc_addr=' 30 "$scaler_pid" "the scaler's gRPC server"
 scaler_metrics=http://$(log_field "$scaler_log" metrics_addr)/metrics
-scaler_grpc=$(grep -E '[Ee]xternal[Ss]caler.* addr=' "$scaler_log" | head -n 1 |
-  grep -Eo ' addr=[^ ]+' | sed 's/^ addr=//' || true)
+scaler_grpc=$(log_field "$scaler_log" grpc_addr)
 [ -n "$scaler_grpc" ] || fail "cannot read the scaler's gRPC address from its log" "$scaler_log"
 say "gRPC (scalerAddress):          $scaler_grpc"
 say "metrics:                       $scaler_metrics"

@@ -312,11 +312,11 @@ impl Credentials {
 
 /// The scaler's management (ATOM) requests use the same credentials as the AMQP side.
 #[async_trait::async_trait]
-impl crate::scaler::admin::Authorizer for Credentials {
+impl crate::servicebus::admin::Authorizer for Credentials {
     async fn authorization(
         &self,
         resource_uri: &str,
-    ) -> Result<String, crate::scaler::admin::CredentialError> {
+    ) -> Result<String, crate::servicebus::admin::CredentialError> {
         Ok(self.token(resource_uri).await?.authorization_header())
     }
 }

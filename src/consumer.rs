@@ -238,7 +238,7 @@ impl Consumer<'_> {
                         message_id = message.message_id.as_deref().unwrap_or(""),
                         delivery_count = message.delivery_count,
                     );
-                    if let Some(traceparent) = &message.diagnostic_id {
+                    if let Some(traceparent) = &message.trace_context {
                         continue_trace(&span, traceparent);
                     }
                     let stopped = self

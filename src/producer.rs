@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::auth::Credentials;
 use crate::config::{CommonConfig, ProducerConfig};
-use crate::servicebus::diagnostics::{current_traceparent, DIAGNOSTIC_ID};
+use crate::servicebus::diagnostics::trace_properties;
 use crate::servicebus::sender::{encode, BatchBuilder};
 use crate::servicebus::{retry, OutgoingMessage, QueueSender, ServiceBusError};
 use crate::telemetry::{Metrics, Readiness};
@@ -21,16 +21,14 @@ use crate::telemetry::{Metrics, Readiness};
 /// each, and application properties that let a reader tell where a message came from.
 pub fn messages<'a>(
     config: &'a ProducerConfig,
-    traceparent: Option<&'a str>,
+    trace: &'a [(String, String)],
 ) -> impl Iterator<Item = OutgoingMessage> + 'a {
     (0..config.message_count).map(move |index| {
         let mut application_properties = vec![
             ("source".to_string(), "servicebusdemo".to_string()),
             ("index".to_string(), index.to_string()),
         ];
-        if let Some(traceparent) = traceparent {
-            application_properties.push((DIAGNOSTIC_ID.to_string(), traceparent.to_string()));
-        }
+        application_properties.extend_from_slice(trace);
         OutgoingMessage {
             message_id: uuid::Uuid::new_v4().to_string(),
             body: config.body.as_bytes().to_vec(),
@@ -64,7 +62,7 @@ async fn produce(
     readiness: Readiness,
 ) -> Result<u64, ServiceBusError> {
     // Every message continues this run's trace (when traces are exported).
-    let traceparent = current_traceparent();
+    let trace = trace_properties();
     let mut sender = open(config, common, &credentials, &metrics).await?;
     readiness.set_ready(true);
     tracing::info!(
@@ -77,7 +75,7 @@ async fn produce(
     // however many messages are asked for.
     let mut batch = BatchBuilder::new(sender.max_message_size());
     let mut progress = Progress::default();
-    for message in messages(config, traceparent.as_deref()) {
+    for message in messages(config, &trace) {
         let encoded = encode(&message)?;
         if let Some(encoded) = batch.try_push(encoded)? {
             sender = flush(
@@ -211,6 +209,7 @@ async fn send_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::servicebus::diagnostics::{DIAGNOSTIC_ID, TRACEPARENT};
 
     #[test]
     fn messages_have_unique_ids_and_the_body() {
@@ -219,11 +218,12 @@ mod tests {
             message_count: 100,
             body: "Hello World!".into(),
         };
-        let messages: Vec<_> = messages(
-            &config,
-            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-        )
-        .collect();
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let trace = [
+            (TRACEPARENT.to_string(), traceparent.to_string()),
+            (DIAGNOSTIC_ID.to_string(), traceparent.to_string()),
+        ];
+        let messages: Vec<_> = messages(&config, &trace).collect();
         assert_eq!(messages.len(), 100);
         let ids: std::collections::HashSet<_> = messages.iter().map(|m| &m.message_id).collect();
         assert_eq!(ids.len(), 100);
@@ -231,6 +231,8 @@ mod tests {
         assert!(messages.iter().all(|m| m
             .application_properties
             .iter()
-            .any(|(k, v)| k == DIAGNOSTIC_ID && v.starts_with("00-0af7"))));
+            .filter(|(k, v)| (k == DIAGNOSTIC_ID || k == TRACEPARENT) && v == traceparent)
+            .count()
+            == 2));
     }
 }

@@ -5,10 +5,6 @@
 //! endpoint through a per-queue cache with single-flight refresh (see [`cache`]); a background
 //! poll keeps the `servicebusdemo_queue_*` gauges current for Prometheus-driven scaling.
 
-// The management client's source sits with the other Service Bus code; it is compiled as
-// part of the scaler, its only user.
-#[path = "servicebus/admin.rs"]
-pub mod admin;
 pub mod cache;
 pub mod metadata;
 mod service;
@@ -34,8 +30,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use url::Url;
 
+use crate::servicebus::admin::{AdminClient, AdminError, Authorizer};
 use crate::telemetry::{Metrics, Readiness};
-use admin::{AdminClient, AdminError, Authorizer};
 use cache::{CacheSettings, CountCache, QueueCountSource};
 use proto::external_scaler_server::ExternalScalerServer;
 use service::ScalerService;

@@ -8,7 +8,6 @@
 //! spans), `Arc::new(Metrics::new(mode))` shared by everything that records
 //! (`metrics.message_sent(queue, n)`, `observe_send(queue, elapsed)`, ...), and
 //! `serve_http(addr, metrics, readiness)` for `/metrics`, `/healthz` and `/readyz`.
-//! `current_traceparent` / `set_remote_parent` carry a trace across a message.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
@@ -600,30 +599,6 @@ pub fn current_trace_id() -> Option<String> {
         .then(|| span_context.trace_id().to_string())
 }
 
-/// The W3C `traceparent` of the current span, to carry in a message's application
-/// properties; `None` when the span is not traced.
-#[allow(dead_code)] // API for message-level trace propagation (producer -> consumer).
-pub fn current_traceparent() -> Option<String> {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let context = tracing::Span::current().context();
-    let mut carrier = std::collections::HashMap::new();
-    global::get_text_map_propagator(|propagator| propagator.inject_context(&context, &mut carrier));
-    carrier.remove("traceparent")
-}
-
-/// Continue the trace of a received message: make `span` a child of its `traceparent`.
-/// Invalid or absent values leave the span a root, as the W3C specification asks.
-#[allow(dead_code)] // API for message-level trace propagation (producer -> consumer).
-pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let carrier =
-        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let context = global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
-    if let Err(err) = span.set_parent(context) {
-        tracing::debug!(error = %err, "cannot continue the remote trace");
-    }
-}
-
 fn otlp_tracer_provider(
     endpoint: &str,
     service_name: &str,
@@ -1141,49 +1116,5 @@ mod otlp_tests {
             .flat_map(|scope| scope.spans.iter().map(|span| span.name.as_str()))
             .collect();
         assert_eq!(names, ["send_batch"]);
-    }
-}
-
-#[cfg(test)]
-mod propagation_tests {
-    use super::*;
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-
-    #[test]
-    fn traceparent_round_trips_from_producer_span_to_consumer_span() {
-        global::set_text_map_propagator(TraceContextPropagator::new());
-        // No exporter: spans are still recorded with real ids.
-        let provider = SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
-            let send = tracing::info_span!("send_batch");
-            let traceparent = send
-                .in_scope(current_traceparent)
-                .expect("a traced span has a traceparent");
-            let sent_trace_id = send.context().span().span_context().trace_id();
-            assert!(
-                traceparent.starts_with(&format!("00-{sent_trace_id}-")),
-                "{traceparent}"
-            );
-
-            let process = tracing::info_span!("process_message");
-            set_remote_parent(&process, &traceparent);
-            let received_trace_id = process.context().span().span_context().trace_id();
-            assert_eq!(received_trace_id, sent_trace_id);
-
-            // Garbage does not attach the span to anything.
-            let orphan = tracing::info_span!("process_message");
-            set_remote_parent(&orphan, "not-a-traceparent");
-            assert_ne!(
-                orphan.context().span().span_context().trace_id(),
-                sent_trace_id
-            );
-        });
-        assert!(
-            current_traceparent().is_none(),
-            "untraced outside the subscriber"
-        );
     }
 }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::admin::{AdminClient, AdminError, QueueCounts};
+use crate::servicebus::admin::{AdminClient, AdminError, QueueCounts};
 use crate::telemetry::{CountSource, Metrics};
 
 /// Where counts come from: the management endpoint in production, a fake in tests.

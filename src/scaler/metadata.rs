@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::admin::validate_queue_name;
+use crate::servicebus::admin::validate_queue_name;
 
 /// `messageCount` when not given: KEDA's own default for Service Bus.
 pub const DEFAULT_TARGET_MESSAGES: u64 = 5;

@@ -14,7 +14,6 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::admin::AdminError;
 use super::cache::{CountCache, CountError};
 use super::metadata::{self, MetadataError, TriggerMetadata};
 use super::proto::external_scaler_server::ExternalScaler;
@@ -22,6 +21,7 @@ use super::proto::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
     MetricValue, ScaledObjectRef,
 };
+use crate::servicebus::admin::AdminError;
 
 pub struct ScalerService {
     cache: Arc<CountCache>,

@@ -10,11 +10,11 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
-use super::admin::{AdminError, QueueCounts};
 use super::cache::QueueCountSource;
 use super::proto::external_scaler_client::ExternalScalerClient;
 use super::proto::{GetMetricsRequest, ScaledObjectRef};
 use super::{start, RunningScaler, ScalerOptions, TlsFiles};
+use crate::servicebus::admin::{AdminError, QueueCounts};
 use crate::telemetry::Metrics;
 
 const HOST: &str = "contoso.servicebus.windows.net";

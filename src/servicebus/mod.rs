@@ -5,6 +5,7 @@
 //! are retried with exponential backoff and jitter by [`retry`]; fatal ones (unauthorized,
 //! not found, message too large) are returned at once with a message that says what to fix.
 
+pub mod admin;
 pub mod cbs;
 pub mod connection;
 pub mod diagnostics;

@@ -22,7 +22,7 @@ use fe2o3_amqp::types::messaging::{
 };
 use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
 
-use super::diagnostics::DIAGNOSTIC_ID;
+use super::diagnostics::trace_context_of;
 use super::link_errors;
 use super::management::{timestamp_to_system_time, Management};
 use super::{with_timeout, AmqpConnection, ServiceBusError};
@@ -39,8 +39,8 @@ pub struct ReceivedMessage {
     pub delivery_count: u32,
     pub locked_until: Option<SystemTime>,
     pub sequence_number: Option<i64>,
-    /// The sender's trace context (`Diagnostic-Id`), if it sent one.
-    pub diagnostic_id: Option<String>,
+    /// The sender's trace context (`traceparent`, else `Diagnostic-Id`), if it sent one.
+    pub trace_context: Option<String>,
 }
 
 impl std::fmt::Debug for ReceivedMessage {
@@ -281,17 +281,16 @@ fn to_received(info: DeliveryInfo, tag: &[u8], message: Message<Body<Value>>) ->
         Value::Ulong(n) => i64::try_from(*n).ok(),
         _ => None,
     });
-    let diagnostic_id = message
-        .application_properties
-        .as_ref()
-        .and_then(|props| props.0.get(DIAGNOSTIC_ID))
-        .and_then(|value| match value {
-            SimpleValue::String(text) => Some(text.clone()),
-            _ => None,
-        });
+    let trace_context =
+        trace_context_of(
+            |name| match message.application_properties.as_ref()?.0.get(name)? {
+                SimpleValue::String(text) => Some(text.as_str()),
+                _ => None,
+            },
+        );
     ReceivedMessage {
         info,
-        diagnostic_id,
+        trace_context,
         lock_token,
         message_id,
         body: body_of(message.body),

@@ -1,6 +1,30 @@
 //! Service Bus semantics over the AMQP engine: queues, peek-lock, `$cbs`, `$management`.
 //!
 //! The process layer (listeners, HTTP, fault switches) talks to the broker only through [`Broker`].
+//!
+//! What clients see, as Service Bus does it:
+//! - Addresses `<queue>`, `<queue>/$DeadLetterQueue` and `<entity>/$management`, with or without
+//!   a `scheme://host:port/` prefix; an unknown entity is refused with `amqp:not-found`.
+//! - `$cbs` put-token (`status-code` 202, or 401): links need a live grant for their entity
+//!   (send: Send; receive, settle, `$management`: Listen; Manage covers both), and an expired
+//!   grant stops deliveries.
+//! - Sends: `max-message-size` and `com.microsoft:max-message-batch-size` on the attach; batches
+//!   are message-format `0x80013700`; message bytes are kept as sent (only a missing message-id
+//!   is filled in); sequence numbers, enqueued time, `x-opt-scheduled-enqueue-time`.
+//! - Peek-lock deliveries: the delivery tag is the lock token in the byte order clients read as
+//!   a little-endian UUID; `x-opt-sequence-number`, `x-opt-enqueued-time`, `x-opt-locked-until`,
+//!   `x-opt-lock-token` annotations and `header.delivery-count`. Every unsettled settlement is
+//!   answered with a settled disposition repeating the outcome (`rejected` without the client's
+//!   error); a lost lock is answered with `rejected{com.microsoft:message-lock-lost}`.
+//! - Outcomes: `accepted` completes, `modified{delivery-failed}` abandons,
+//!   `modified{undeliverable-here}` defers, `rejected` dead-letters with `DeadLetterReason` /
+//!   `DeadLetterErrorDescription` from the error info, `released` returns without counting.
+//! - Locks expire after the queue's lock duration (or on renew-lock they move on); reaching
+//!   `MaxDeliveryCount` dead-letters with `MaxDeliveryCountExceeded`; expired messages are
+//!   dropped (or dead-lettered when the queue says so). Locks outlive a closed link until they
+//!   expire, as a crashed consumer's would.
+//! - `$management`: renew-lock, peek-message, receive-by-sequence-number, update-disposition,
+//!   schedule-message, cancel-scheduled-message (`statusCode`/`statusDescription`).
 
 pub mod address;
 pub mod connection;

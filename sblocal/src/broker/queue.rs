@@ -114,6 +114,17 @@ impl SubQueue {
         sequence
     }
 
+    /// Adds a message under a sequence number it already has (from the main queue).
+    fn insert(&mut self, sequence: i64, stored: Stored) {
+        self.size_bytes += stored.parts.size() as u64;
+        if stored.state == State::Available {
+            self.available.insert(sequence);
+        }
+        if let Some(replaced) = self.messages.insert(sequence, stored) {
+            self.size_bytes = self.size_bytes.saturating_sub(replaced.parts.size() as u64);
+        }
+    }
+
     fn remove(&mut self, sequence: i64) -> Option<Stored> {
         let stored = self.messages.remove(&sequence)?;
         self.available.remove(&sequence);
@@ -249,6 +260,7 @@ impl Queue {
                 if let Some(expired) = sub.remove(sequence) {
                     if self.spec.dead_lettering_on_message_expiration {
                         dead_lettered.push((
+                            sequence,
                             expired,
                             "TTLExpiredException",
                             "The message expired and was dead lettered.",
@@ -295,8 +307,8 @@ impl Queue {
             taken += 1;
         }
         let empty = taken == 0;
-        for (stored, reason, description) in dead_lettered {
-            move_to_dead_letter(state, stored, Some(reason), Some(description));
+        for (sequence, stored, reason, description) in dead_lettered {
+            move_to_dead_letter(state, sequence, stored, Some(reason), Some(description));
         }
         if empty {
             self.add_waiter(waiter);
@@ -364,6 +376,7 @@ impl Queue {
                     format!("Message could not be consumed after {max} delivery attempts.");
                 move_to_dead_letter(
                     state,
+                    sequence,
                     stored,
                     Some("MaxDeliveryCountExceeded"),
                     Some(&description),
@@ -404,7 +417,7 @@ impl Queue {
             return Ok(());
         }
         if let Some(stored) = sub.remove(sequence) {
-            move_to_dead_letter(state, stored, reason, description);
+            move_to_dead_letter(state, sequence, stored, reason, description);
         }
         Ok(())
     }
@@ -438,10 +451,8 @@ impl Queue {
             .range(from_sequence..)
             .take(count)
             .map(|(sequence, stored)| {
-                let lock = match stored.state {
-                    State::Locked { token, until } => Some((token, now_ms(until))),
-                    _ => None,
-                };
+                // Peeked messages carry no lock, locked or not.
+                let lock = None;
                 let payload = encode_delivery(
                     &stored.parts,
                     &DeliveryInfo {
@@ -548,6 +559,7 @@ impl Queue {
                     if self.spec.dead_lettering_on_message_expiration {
                         move_to_dead_letter(
                             state,
+                            sequence,
                             stored,
                             Some("TTLExpiredException"),
                             Some("The message expired and was dead lettered."),
@@ -606,20 +618,25 @@ fn sub_mut(state: &mut QueueState, kind: SubQueueKind) -> &mut SubQueue {
     }
 }
 
+/// Dead-lettered messages keep their sequence number, as in Service Bus.
 fn move_to_dead_letter(
     state: &mut QueueState,
+    sequence: i64,
     stored: Stored,
     reason: Option<&str>,
     description: Option<&str>,
 ) {
-    state.dead_letter.push(Stored {
-        parts: stored.parts.dead_lettered(reason, description),
-        enqueued_ms: stored.enqueued_ms,
-        expires_at: None,
-        deliveries: stored.deliveries,
-        state: State::Available,
-        dead_letter_source: None,
-    });
+    state.dead_letter.insert(
+        sequence,
+        Stored {
+            parts: stored.parts.dead_lettered(reason, description),
+            enqueued_ms: stored.enqueued_ms,
+            expires_at: None,
+            deliveries: stored.deliveries,
+            state: State::Available,
+            dead_letter_source: None,
+        },
+    );
 }
 
 #[cfg(test)]
@@ -673,6 +690,12 @@ mod tests {
         }
         assert_eq!(q.counts().active, 0);
         assert_eq!(q.counts().dead_letter, 1);
+        let peeked = q.peek(SubQueueKind::DeadLetter, 0, 10);
+        assert_eq!(peeked.len(), 1);
+        assert_eq!(
+            peeked[0].0, 1,
+            "dead-lettered messages keep their sequence number"
+        );
         let dead = take(&q, SubQueueKind::DeadLetter, ReceiveMode::ReceiveAndDelete);
         assert_eq!(dead.len(), 1);
         assert_eq!(q.counts().dead_letter, 0);
