@@ -64,13 +64,15 @@ step() {
   fi
 }
 
-# Sums cargo's "test result: ok. N passed; M failed" and pytest's "N passed, M failed" summaries.
+# Sums the summaries of cargo test, pytest, node's test runner and check-deploy.sh.
 count_results() {
   local file=$1 p f
   read -r p f < <(awk '
     /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
     /^=+ .*(passed|failed).* in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed,?$/) p += $i; if ($(i+1) ~ /^(failed|errors?),?$/) f += $i } }
     /^checks: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
+    /^ℹ pass [0-9]+$/ { p += $3 }
+    /^ℹ fail [0-9]+$/ { f += $3 }
     END { print p + 0, f + 0 }' "$file")
   passed=$((passed + p))
   failed=$((failed + f))

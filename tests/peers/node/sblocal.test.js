@@ -138,7 +138,9 @@ test("dead-lettered message is readable from the DLQ with reason and description
 test("peek reads without locking, and receiveAndDelete removes", async () => {
   const sender = client.createSender(queue());
   const receiver = client.createReceiver(queue(), { receiveMode: "receiveAndDelete" });
-  await drain(client.createReceiver(queue()));
+  const cleaner = client.createReceiver(queue());
+  await drain(cleaner);
+  await cleaner.close();
   await sender.sendMessages([{ body: "p-1" }, { body: "p-2" }]);
   const peeked = await receiver.peekMessages(2);
   assert.deepEqual(peeked.map((m) => m.body), ["p-1", "p-2"]);
