@@ -16,7 +16,8 @@
 #
 # Every process gets its own metrics port (picked by the OS); everything started here is stopped on
 # exit, Ctrl-C or SIGTERM. Logs and sblocal's files are kept under .demo/ (or --dir).
-# Exit status: 0 when every check passed, 1 when a stage or a check failed, 2 for bad options.
+# Exit status: 0 when every check passed, 1 when a stage or a check failed, 2 for bad options,
+# 130/143 when interrupted (with --keep-running, Ctrl-C after the checks passed exits 0).
 # Needs bash 4.4+, a Rust toolchain and the usual coreutils; curl is used when present.
 #
 # Usage: scripts/demo.sh [options]
@@ -25,7 +26,14 @@
 #   -k, --keep-running        after the checks, keep the broker, scaler and ScaledJob loop running
 #                             until Ctrl-C, to send more messages yourself (env DEMO_KEEP_RUNNING=1)
 #       --no-build            use the binaries already built (env DEMO_NO_BUILD=1)
-#       --dir DIR             state directory (default .demo/run-<time>; env DEMO_DIR)
+#       --least-privilege     one identity per role, as k8s/overlays/external-scaler deploys them:
+#                             servicebusdemo-producer (Data Sender), servicebusdemo-consumer (Data
+#                             Receiver), servicebusdemo-scaler (Data Owner, for the management
+#                             endpoint), each with its own federated token file (valid one hour);
+#                             default: the tutorial's single servicebusdemo identity (Data Owner)
+#                             (env DEMO_LEAST_PRIVILEGE=1)
+#       --dir DIR             state directory (default .demo/run-<time>, the last 5 runs are
+#                             kept; env DEMO_DIR)
 #       --polling-interval D  KEDA pollingInterval (default 2s; env DEMO_POLLING_INTERVAL)
 #       --processing-delay D  time each consumer spends per message (default 100ms;
 #                             env DEMO_PROCESSING_DELAY)
@@ -50,6 +58,7 @@ message_count=${DEMO_MESSAGE_COUNT:-100}
 release=${DEMO_RELEASE:-}
 keep_running=${DEMO_KEEP_RUNNING:-}
 no_build=${DEMO_NO_BUILD:-}
+least_privilege=${DEMO_LEAST_PRIVILEGE:-}
 state_dir=${DEMO_DIR:-}
 polling_interval=${DEMO_POLLING_INTERVAL:-2s}
 processing_delay=${DEMO_PROCESSING_DELAY:-100ms}
@@ -74,6 +83,7 @@ while [ $# -gt 0 ]; do
     --release) release=1; shift ;;
     -k | --keep-running) keep_running=1; shift ;;
     --no-build) no_build=1; shift ;;
+    --least-privilege) least_privilege=1; shift ;;
     --dir) need_value "$@"; state_dir=$2; shift 2 ;;
     --dir=*) state_dir=${1#*=}; shift ;;
     --polling-interval) need_value "$@"; polling_interval=$2; shift 2 ;;
@@ -109,6 +119,7 @@ switch() {
 release=$(switch DEMO_RELEASE "$release")
 keep_running=$(switch DEMO_KEEP_RUNNING "$keep_running")
 no_build=$(switch DEMO_NO_BUILD "$no_build")
+least_privilege=$(switch DEMO_LEAST_PRIVILEGE "$least_privilege")
 expected_jobs=$(((message_count + JOB_MESSAGE_COUNT - 1) / JOB_MESSAGE_COUNT))
 
 # A relative --dir is relative to where the demo was started, not to the repository.
@@ -381,15 +392,63 @@ token_file=$(env_value AZURE_FEDERATED_TOKEN_FILE)
 say "Service Bus (AMQP over TLS):   $(env_value AZURE_SERVICEBUS_HOSTNAME), queue $queue"
 say "Entra token endpoint:          $(env_value AZURE_AUTHORITY_HOST)"
 say "management (ATOM) endpoint:    $(env_value AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT || echo '-')"
-say "workload identity:             client id $(env_value AZURE_CLIENT_ID)"
-say "federated token file:          $token_file"
+
+# The client id of an identity in sblocal's identities.json (jq when present; else the file's
+# pretty-printed layout, where each identity's "name" is followed by its "client_id").
+client_id_of() {
+  local file=$broker_dir/identities.json
+  if command -v jq >/dev/null 2>&1; then
+    jq -r --arg name "$1" '.identities[] | select(.name == $name) | .client_id' "$file"
+  else
+    tr -d '\n' <"$file" | { grep -Eo "\"name\": *\"$1\", *\"client_id\": *\"[^\"]+\"" || true; } |
+      sed -E 's/.*"client_id": *"([^"]+)"/\1/'
+  fi
+}
+
+# The environment of each role's pods: workload.env as is (the tutorial: one identity for all), or
+# with the role's own client id and federated token file (--least-privilege).
+declare -A role_client_id=() role_token_file=()
+for role in producer consumer scaler; do
+  if [ -n "$least_privilege" ]; then
+    identity=servicebusdemo-$role
+    role_client_id[$role]=$(client_id_of "$identity")
+    [ -n "${role_client_id[$role]}" ] ||
+      fail "sblocal's identities.json has no client id for $identity" "$broker_dir/identities.json"
+    role_token_file[$role]=$broker_dir/token-$identity
+    # What the kubelet projects into the pod of service account default/$identity.
+    (umask 077 && "$bin_dir/sblocal" token --dir "$broker_dir" \
+      --sub "system:serviceaccount:default:$identity" >"${role_token_file[$role]}") ||
+      fail "sblocal token could not mint a token for $identity"
+    say "$(printf '%-31s' "$role identity:")$identity, client id ${role_client_id[$role]}"
+  else
+    role_client_id[$role]=$(env_value AZURE_CLIENT_ID)
+    role_token_file[$role]=$token_file
+  fi
+done
+if [ -z "$least_privilege" ]; then
+  say "workload identity:             servicebusdemo, client id $(env_value AZURE_CLIENT_ID) (all roles)"
+  say "federated token file:          $token_file"
+fi
 say "(the pod environment the webhook would inject: $broker_dir/workload.env)"
 
-# run_workload NAME LOG COMMAND...: COMMAND with the workload environment, in the background.
+# role_env ROLE: print the role's environment, one KEY=VALUE per line.
+role_env() {
+  local entry
+  for entry in "${workload_env[@]}"; do
+    case ${entry%%=*} in
+      AZURE_CLIENT_ID) printf 'AZURE_CLIENT_ID=%s\n' "${role_client_id[$1]}" ;;
+      AZURE_FEDERATED_TOKEN_FILE) printf 'AZURE_FEDERATED_TOKEN_FILE=%s\n' "${role_token_file[$1]}" ;;
+      *) printf '%s\n' "$entry" ;;
+    esac
+  done
+}
+
+# run_workload ROLE LOG COMMAND...: COMMAND with the role's environment, in the background.
 run_workload() {
-  local name=$1 log=$2
+  local role=$1 log=$2 entries
   shift 2
-  start "$name" "$log" env "${workload_env[@]}" "$@"
+  mapfile -t entries < <(role_env "$role")
+  start "$role" "$log" env "${entries[@]}" "$@"
 }
 
 # --- 3. producer ---------------------------------------------------------------------------------
@@ -450,7 +509,8 @@ kedasim_log=$state_dir/kedasim.log
 job_env=(--env OPERATION_MODE=consumer --env "MESSAGE_COUNT=$JOB_MESSAGE_COUNT"
   --env "PROCESSING_DELAY=$processing_delay" --env METRICS_ADDR=127.0.0.1:0
   --env CONSUMER_IDLE_TIMEOUT=30s)
-for entry in "${workload_env[@]}"; do
+mapfile -t consumer_env < <(role_env consumer)
+for entry in "${consumer_env[@]}"; do
   job_env+=(--env "$entry")
 done
 # kedasim_command EXTRA_ARGS...: the ScaledJob, as kedasim arguments.
@@ -606,6 +666,7 @@ fi
 
 printf '\n%sThe tutorial ran end to end%s: %s messages, %s Jobs, the queue drained in %ss (%ss in all).\n' \
   "$green" "$reset" "$sent" "$jobs_created" "$loop_seconds" "$((SECONDS - started_at))"
+say "logs and sblocal's files: $state_dir"
 
 # --- keep running --------------------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnin
 # Integration tests spawn the workspace's binaries (sblocal, kedasim, servicebusdemo): build them all first.
 step "cargo build" cargo build --workspace --locked
 step "cargo test" cargo test --workspace --locked
+# The README's first command, as a smoke test: the tutorial end to end on the binaries just built.
+step "local demo" scripts/demo.sh --no-build --dir "$log_dir/demo"
 step "SDK peers (pytest)" "$venv/bin/python" -m pytest tests/peers/python -q -p no:cacheprovider
 if [ -f tests/peers/node/package.json ]; then
   step "SDK peers (node)" npm --prefix tests/peers/node test
