@@ -260,7 +260,7 @@ impl Metrics {
         let token_requests = Family::default();
         registry.register(
             "token_requests",
-            "Token acquisitions (SAS signing or Entra exchange), by outcome",
+            "Entra tokens asked of the credential (cached by it until close to expiry), by outcome",
             token_requests.clone(),
         );
         let reconnects = Counter::default();

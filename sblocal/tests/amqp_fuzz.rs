@@ -8,11 +8,15 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use fe2o3_amqp_types::definitions::{Handle, ReceiverSettleMode, Role, SenderSettleMode};
 use fe2o3_amqp_types::messaging::message::__private::Serializable;
-use fe2o3_amqp_types::messaging::{Message, Source, Target};
-use fe2o3_amqp_types::performatives::{
-    Attach, Begin, ChannelMax, Flow, MaxFrameSize, Open, Performative, Transfer,
+use fe2o3_amqp_types::messaging::{
+    Accepted, ApplicationProperties, DeliveryState, Message, Modified, Rejected, Released, Source,
+    Target,
 };
-use fe2o3_amqp_types::primitives::Binary;
+use fe2o3_amqp_types::performatives::{
+    Attach, Begin, ChannelMax, Detach, Disposition, End, Flow, MaxFrameSize, Open, Performative,
+    Transfer,
+};
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
 use sblocal::amqp::codec;
 use sblocal::amqp::frame::{self, FRAME_TYPE_AMQP};
 use sblocal::auth::{AuthError, Grant, Rights, TokenValidator};
@@ -226,4 +230,285 @@ async fn mutated_conversations_never_take_the_broker_down() {
     assert_eq!(&reply, b"AMQP\x00\x01\x00\x00");
     drop(client);
     let _ = serving.await;
+}
+
+/// A random but well-formed performative, aimed at the state machines rather than the decoder.
+fn random_performative(rng: &mut Rng, message: &[u8]) -> (Performative, Vec<u8>) {
+    let handle = Handle(rng.below(2) as u32);
+    let addresses = [
+        "q",
+        "$cbs",
+        "q/$management",
+        "q/$DeadLetterQueue",
+        "nope",
+        "amqps://h:1/q",
+    ];
+    let address = addresses[rng.below(addresses.len())].to_string();
+    let small = |rng: &mut Rng| [0u32, 1, 2, 7, u32::MAX, u32::MAX - 1][rng.below(6)];
+    // Session ends and begins are rare: they usually end the connection's useful life.
+    match rng.below(16) {
+        0..=2 => {
+            let role = if rng.below(2) == 0 {
+                Role::Sender
+            } else {
+                Role::Receiver
+            };
+            let snd = if rng.below(2) == 0 {
+                SenderSettleMode::Settled
+            } else {
+                SenderSettleMode::Unsettled
+            };
+            let attach = Attach {
+                name: format!("link-{}", rng.below(3)),
+                handle,
+                role,
+                snd_settle_mode: snd,
+                rcv_settle_mode: ReceiverSettleMode::Second,
+                source: Some(Box::new(Source::builder().address(address.clone()).build())),
+                target: Some(Box::new(Target::builder().address(address).build().into())),
+                unsettled: None,
+                incomplete_unsettled: false,
+                initial_delivery_count: Some(small(rng)),
+                max_message_size: None,
+                offered_capabilities: None,
+                desired_capabilities: None,
+                properties: None,
+            };
+            (Performative::Attach(attach), Vec::new())
+        }
+        3..=4 => {
+            let flow = Flow {
+                next_incoming_id: (rng.below(2) == 0).then(|| small(rng)),
+                incoming_window: small(rng),
+                next_outgoing_id: small(rng),
+                outgoing_window: small(rng),
+                handle: (rng.below(4) != 0).then_some(handle),
+                delivery_count: (rng.below(2) == 0).then(|| small(rng)),
+                link_credit: Some(small(rng)),
+                available: None,
+                drain: rng.below(2) == 0,
+                echo: rng.below(2) == 0,
+                properties: None,
+            };
+            (Performative::Flow(flow), Vec::new())
+        }
+        5..=9 => {
+            let tag_len = rng.below(3) * 8;
+            let transfer = Transfer {
+                handle,
+                delivery_id: (rng.below(4) != 0).then(|| small(rng)),
+                delivery_tag: Some(ByteBuf::from(rng.bytes(tag_len))),
+                message_format: Some([0, 0x8001_3700][rng.below(2)]),
+                settled: Some(rng.below(2) == 0),
+                more: rng.below(3) == 0,
+                rcv_settle_mode: None,
+                state: None,
+                resume: false,
+                aborted: rng.below(8) == 0,
+                batchable: false,
+            };
+            let payload = if rng.below(2) == 0 {
+                message.to_vec()
+            } else {
+                let len = rng.below(40);
+                rng.bytes(len)
+            };
+            (Performative::Transfer(transfer), payload)
+        }
+        10..=12 => {
+            let states = [
+                Some(DeliveryState::Accepted(Accepted {})),
+                Some(DeliveryState::Released(Released {})),
+                Some(DeliveryState::Rejected(Rejected { error: None })),
+                Some(DeliveryState::Modified(Modified {
+                    delivery_failed: Some(true),
+                    undeliverable_here: Some(rng.below(2) == 0),
+                    message_annotations: None,
+                })),
+                None,
+            ];
+            let disposition = Disposition {
+                role: if rng.below(4) == 0 {
+                    Role::Sender
+                } else {
+                    Role::Receiver
+                },
+                first: small(rng),
+                last: (rng.below(2) == 0).then(|| small(rng)),
+                settled: rng.below(2) == 0,
+                state: states[rng.below(states.len())].clone(),
+                batchable: false,
+            };
+            (Performative::Disposition(disposition), Vec::new())
+        }
+        13 => (
+            Performative::Detach(Detach {
+                handle,
+                closed: rng.below(2) == 0,
+                error: None,
+            }),
+            Vec::new(),
+        ),
+        14 => (Performative::End(End { error: None }), Vec::new()),
+        _ => (
+            Performative::Begin(Begin {
+                remote_channel: (rng.below(4) == 0).then_some(0),
+                next_outgoing_id: small(rng),
+                incoming_window: small(rng),
+                outgoing_window: small(rng),
+                handle_max: Handle(small(rng)),
+                offered_capabilities: None,
+                desired_capabilities: None,
+                properties: None,
+            }),
+            Vec::new(),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn random_performative_sequences_never_take_the_broker_down() {
+    let broker = Broker::new(vec![QueueSpec::with_defaults("q")], Arc::new(AllowAll));
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    let message = serde_amqp::to_vec(&Serializable(
+        Message::builder().data(Binary::from(vec![9u8; 32])).build(),
+    ))
+    .expect("encode");
+    let opening = valid_conversation();
+    // Header, open and begin only: the random part starts from an open session.
+    let mut prefix = BytesMut::from(&opening[..]);
+    let mut kept = prefix.split_to(8).to_vec();
+    for _ in 0..2 {
+        if let Ok(Some(raw)) = frame::take_frame(&mut prefix, 1 << 20) {
+            let mut out = BytesMut::new();
+            let decoded = frame::decode_amqp(raw).expect("valid");
+            let performative = decoded.performative.expect("performative");
+            frame::encode_frame(&mut out, FRAME_TYPE_AMQP, 0, &performative, &[]).expect("encode");
+            kept.extend_from_slice(&out);
+        }
+    }
+    // Then a put-token, so the random links are authorised and reach the broker's logic.
+    let cbs = Attach {
+        name: "cbs".into(),
+        handle: Handle(10),
+        role: Role::Sender,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::builder().address("cbs-client").build())),
+        target: Some(Box::new(Target::builder().address("$cbs").build().into())),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    let mut props = ApplicationProperties::default();
+    props
+        .0
+        .insert("operation".into(), SimpleValue::String("put-token".into()));
+    props.0.insert(
+        "name".into(),
+        SimpleValue::String("sb://localhost/q".into()),
+    );
+    let put_token = serde_amqp::to_vec(&Serializable(
+        Message::builder()
+            .application_properties(props)
+            .value("token".to_string())
+            .build(),
+    ))
+    .expect("encode");
+    let put_token_transfer = Transfer {
+        handle: Handle(10),
+        delivery_id: Some(0),
+        delivery_tag: Some(ByteBuf::from(vec![0])),
+        message_format: Some(0),
+        settled: Some(true),
+        more: false,
+        rcv_settle_mode: None,
+        state: None,
+        resume: false,
+        aborted: false,
+        batchable: false,
+    };
+    let mut authorised = BytesMut::new();
+    frame::encode_frame(
+        &mut authorised,
+        FRAME_TYPE_AMQP,
+        0,
+        &Performative::Attach(cbs),
+        &[],
+    )
+    .expect("encode");
+    frame::encode_frame(
+        &mut authorised,
+        FRAME_TYPE_AMQP,
+        0,
+        &Performative::Transfer(put_token_transfer),
+        &put_token,
+    )
+    .expect("encode");
+    kept.extend_from_slice(&authorised);
+    // And a sender (handle 0) and a receiver (handle 1) on the queue for the random frames to use.
+    for (handle, role) in [(0, Role::Sender), (1, Role::Receiver)] {
+        let attach = Attach {
+            name: format!("base-{handle}"),
+            handle: Handle(handle),
+            role,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::Second,
+            source: Some(Box::new(Source::builder().address("q").build())),
+            target: Some(Box::new(Target::builder().address("q").build().into())),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let mut out = BytesMut::new();
+        frame::encode_frame(
+            &mut out,
+            FRAME_TYPE_AMQP,
+            0,
+            &Performative::Attach(attach),
+            &[],
+        )
+        .expect("encode");
+        kept.extend_from_slice(&out);
+    }
+    for _ in 0..iterations(300) {
+        let mut input = BytesMut::from(&kept[..]);
+        for _ in 0..rng.below(30) {
+            let (performative, payload) = random_performative(&mut rng, &message);
+            let channel = if rng.below(32) == 0 { 1 } else { 0 };
+            frame::encode_frame(
+                &mut input,
+                FRAME_TYPE_AMQP,
+                channel,
+                &performative,
+                &payload,
+            )
+            .expect("encode");
+        }
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let serving = {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.serve_connection(server).await })
+        };
+        let _ = client.write_all(&input).await;
+        let mut sink = vec![0u8; 1 << 16];
+        let _ = tokio::time::timeout(Duration::from_millis(5), client.read(&mut sink)).await;
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "connection task panicked or hung"
+        );
+    }
+    // Some random sends got through: the state machines were reached, not just the decoder.
+    let stats = broker.queue_stats("q").expect("queue");
+    assert!(stats.active_messages + stats.dead_letter_messages > 0);
 }

@@ -60,6 +60,8 @@ struct Stored {
     /// Times the message was handed out under a lock (header delivery-count shows this).
     deliveries: u32,
     state: State,
+    /// Once deferred, a message returns to the deferred set (not the queue) when unlocked.
+    deferred: bool,
     dead_letter_source: Option<String>,
 }
 
@@ -148,8 +150,12 @@ impl SubQueue {
             if let State::Locked { token, .. } = stored.state {
                 self.locks.remove(&token);
             }
-            stored.state = State::Available;
-            self.available.insert(sequence);
+            if stored.deferred {
+                stored.state = State::Deferred;
+            } else {
+                stored.state = State::Available;
+                self.available.insert(sequence);
+            }
         }
     }
 }
@@ -208,6 +214,7 @@ impl Queue {
                     expires_at: enqueued.checked_add(ttl),
                     deliveries: 0,
                     state: state_now,
+                    deferred: false,
                     dead_letter_source: None,
                 }));
             }
@@ -395,6 +402,7 @@ impl Queue {
         sub.locks.remove(token);
         if let Some(stored) = sub.messages.get_mut(&sequence) {
             stored.state = State::Deferred;
+            stored.deferred = true;
         }
         Ok(())
     }
@@ -634,6 +642,7 @@ fn move_to_dead_letter(
             expires_at: None,
             deliveries: stored.deliveries,
             state: State::Available,
+            deferred: false,
             dead_letter_source: None,
         },
     );
@@ -724,6 +733,12 @@ mod tests {
             .expect("defer");
         assert!(take(&q, SubQueueKind::Main, ReceiveMode::PeekLock).is_empty());
         assert_eq!(q.peek(SubQueueKind::Main, 1, 10).len(), 1);
+        let again = q.receive_deferred(SubQueueKind::Main, &[1]);
+        assert_eq!(again.len(), 1);
+        // Abandoning a deferred message leaves it deferred.
+        q.abandon(SubQueueKind::Main, &again[0].lock_token, true)
+            .expect("abandon");
+        assert!(take(&q, SubQueueKind::Main, ReceiveMode::PeekLock).is_empty());
         let again = q.receive_deferred(SubQueueKind::Main, &[1]);
         assert_eq!(again.len(), 1);
         q.complete(SubQueueKind::Main, &again[0].lock_token)

@@ -307,3 +307,26 @@ def test_amqp_expired_messages_are_removed(sblocal):
     counts = queue_counts(sblocal)
     assert counts["active_messages"] == 0
     assert counts["dead_letter_messages"] == 0
+
+
+def test_amqp_deferred_message_settled_through_management(sblocal):
+    send(sblocal, ["deferred-poison"])
+    with client(sblocal) as sb:
+        with sb.get_queue_receiver(sblocal.queue_name) as receiver:
+            [message] = receive(receiver, 1)
+            receiver.defer_message(message)
+            [deferred] = receiver.receive_deferred_messages([message.sequence_number])
+            # Abandoning a deferred message leaves it deferred, not back in the queue.
+            receiver.abandon_message(deferred)
+            assert receiver.receive_messages(max_message_count=1, max_wait_time=1) == []
+            [deferred] = receiver.receive_deferred_messages([message.sequence_number])
+            receiver.dead_letter_message(deferred, reason="Deferred", error_description="gave up")
+        with sb.get_queue_receiver(sblocal.queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
+            [dead] = receive(dlq, 1)
+            assert str(dead) == "deferred-poison"
+            assert dead.dead_letter_reason == "Deferred"
+            assert dead.sequence_number == message.sequence_number
+            dlq.complete_message(dead)
+    counts = queue_counts(sblocal)
+    assert counts["active_messages"] == 0
+    assert counts["dead_letter_messages"] == 0
