@@ -21,6 +21,8 @@ pub const DEFAULT_MESSAGE_BODY: &str = "Hello World!";
 pub const DEFAULT_PRODUCER_COUNT: u64 = 100;
 /// Largest body we are willing to build (Premium tier's limit is 100 MB).
 pub const MAX_MESSAGE_SIZE: u64 = 100 * 1024 * 1024;
+/// Longest duration any setting accepts.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// The TLS port of every Service Bus namespace.
 pub const AMQPS_PORT: u16 = 5671;
 /// The plain AMQP port of the emulator (and of `sblocal`).
@@ -599,6 +601,10 @@ fn split_host_port(value: &str) -> Result<(String, Option<u16>), String> {
     if !valid || host.starts_with('.') || host.ends_with('.') && host.len() == 1 {
         return Err(format!("invalid characters in host {host:?}"));
     }
+    // The host also goes into URLs (token audience, management endpoint); a name URL
+    // parsing refuses, such as an all-digit one read as an out-of-range IPv4 address, must
+    // be reported here rather than as a problem with a setting the user never gave.
+    url::Host::parse(host).map_err(|err| format!("{host:?} is not a valid host: {err}"))?;
     Ok((host.to_ascii_lowercase(), port))
 }
 
@@ -627,7 +633,7 @@ fn parse_identity(args: &Args) -> Result<AuthConfig, ConfigError> {
         )
     })?;
     let token_file = PathBuf::from(token_file);
-    check_readable("AZURE_FEDERATED_TOKEN_FILE", &token_file)?;
+    check_token_file(&token_file)?;
     Ok(AuthConfig::WorkloadIdentity {
         tenant_id,
         client_id,
@@ -654,9 +660,39 @@ fn parse_authority_host(value: &str) -> Result<String, ConfigError> {
 }
 
 fn check_readable(setting: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    // Opening a directory succeeds on Linux; reading it would only fail later, at run time.
+    if path.is_dir() {
+        return Err(ConfigError::new(
+            setting,
+            format!(
+                "cannot read {}: it is a directory, not a file",
+                path.display()
+            ),
+        ));
+    }
     std::fs::File::open(path)
         .map(drop)
         .map_err(|err| ConfigError::new(setting, format!("cannot read {}: {err}", path.display())))
+}
+
+/// The projected service-account token: a readable file holding a token. It is read again
+/// on every token request (the kubelet rotates it); an empty one can never be exchanged.
+fn check_token_file(path: &std::path::Path) -> Result<(), ConfigError> {
+    const SETTING: &str = "AZURE_FEDERATED_TOKEN_FILE";
+    check_readable(SETTING, path)?;
+    let token = std::fs::read(path).map_err(|err| {
+        ConfigError::new(SETTING, format!("cannot read {}: {err}", path.display()))
+    })?;
+    if token.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::new(
+            SETTING,
+            format!(
+                "{} is empty: no service-account token to exchange",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A parsed Service Bus connection string.
@@ -746,13 +782,17 @@ impl ConnectionString {
 
 /// Show the name of a part that failed to parse, never a value that might be a key.
 fn redact_part(part: &str) -> String {
-    if part.len() > 24 {
-        format!(
-            "{}...",
-            &part[..part.char_indices().nth(8).map_or(0, |(i, _)| i)]
-        )
+    // Only the leading name: a part without '=' may be a key whose separator was mistyped
+    // (`SharedAccessKey c2Vj...`), and emulator keys are short enough to fit any length limit.
+    let name: String = part
+        .chars()
+        .take_while(char::is_ascii_alphabetic)
+        .take(32)
+        .collect();
+    if name.len() == part.len() {
+        name
     } else {
-        part.to_string()
+        format!("{name}...")
     }
 }
 
@@ -1078,8 +1118,16 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
             "invalid duration {raw:?}: add a unit, e.g. {raw}s or {raw}ms"
         ));
     }
-    humantime::parse_duration(raw)
-        .map_err(|err| format!("invalid duration {raw:?}: {err} (examples: 500ms, 30s, 2m)"))
+    let duration = humantime::parse_duration(raw)
+        .map_err(|err| format!("invalid duration {raw:?}: {err} (examples: 500ms, 30s, 2m)"))?;
+    // Durations are added to clock readings; a value near u64::MAX seconds would overflow
+    // them (a panic at run time), and nothing here needs to wait longer than this.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {raw:?}: longer than the maximum of 365 days"
+        ));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -1442,5 +1490,220 @@ mod tests {
         let config =
             Config::from_args(args(&["producer", sas(), "--queue-name=q"])).expect("valid");
         assert!(!format!("{config:?}").contains("SAS_KEY_VALUE"));
+    }
+}
+
+/// Property tests: the parsers never panic on any input, an error always names the setting
+/// that was given the bad value, and every accepted configuration is safe to run with.
+#[cfg(test)]
+mod fuzz {
+    use std::time::Instant;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A realistic key (44 base64 characters, as Azure issues them), marked so a leak is
+    /// easy to spot.
+    const KEY: &str = "S3cr3tK3yS3cr3tK3yS3cr3tK3yS3cr3tK3yS3cr3t0=";
+    /// A short key, like the emulator's documented `SAS_KEY_VALUE`.
+    const SHORT_KEY: &str = "Zq9Xk2Lp";
+
+    type Setter = fn(&mut Args, String);
+
+    /// Every setting a mutation can hit, with the field it sets.
+    const SETTINGS: &[(&str, Setter)] = &[
+        ("OPERATION_MODE", |a, v| a.operation_mode = Some(v)),
+        ("MESSAGE_COUNT", |a, v| a.message_count = Some(v)),
+        ("AZURE_SERVICEBUS_QUEUE_NAME", |a, v| a.queue_name = Some(v)),
+        ("AZURE_SERVICEBUS_HOSTNAME", |a, v| a.hostname = Some(v)),
+        ("AZURE_SERVICEBUS_CONNECTION_STRING", |a, v| {
+            a.connection_string = Some(v)
+        }),
+        ("AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT", |a, v| {
+            a.management_endpoint = Some(v)
+        }),
+        ("AZURE_FEDERATED_TOKEN_FILE", |a, v| {
+            a.federated_token_file = Some(v)
+        }),
+        ("AZURE_AUTHORITY_HOST", |a, v| a.authority_host = Some(v)),
+        ("MESSAGE_SIZE", |a, v| a.message_size = Some(v)),
+        ("PROCESSING_DELAY", |a, v| a.processing_delay = Some(v)),
+        ("CONSUMER_IDLE_TIMEOUT", |a, v| {
+            a.consumer_idle_timeout = Some(v)
+        }),
+        ("PREFETCH", |a, v| a.prefetch = Some(v)),
+        ("MAX_PROCESSING_ATTEMPTS", |a, v| {
+            a.max_processing_attempts = Some(v)
+        }),
+        ("OPERATION_TIMEOUT", |a, v| a.operation_timeout = Some(v)),
+        ("RETRY_MAX_ATTEMPTS", |a, v| a.retry_max_attempts = Some(v)),
+        ("RETRY_BASE_DELAY", |a, v| a.retry_base_delay = Some(v)),
+        ("RETRY_MAX_DELAY", |a, v| a.retry_max_delay = Some(v)),
+        ("METRICS_ADDR", |a, v| a.metrics_addr = Some(v)),
+        ("LOG_FORMAT", |a, v| a.log_format = Some(v)),
+        ("RUST_LOG", |a, v| a.log_filter = Some(v)),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", |a, v| {
+            a.otlp_endpoint = Some(v)
+        }),
+        ("SCALER_GRPC_ADDR", |a, v| a.scaler_grpc_addr = Some(v)),
+        ("SCALER_CACHE_TTL", |a, v| a.scaler_cache_ttl = Some(v)),
+        ("SCALER_MAX_STALENESS", |a, v| {
+            a.scaler_max_staleness = Some(v)
+        }),
+        ("SCALER_QUEUES", |a, v| a.scaler_queues = Some(v)),
+        ("SCALER_TLS_CERT_FILE", |a, v| {
+            a.scaler_tls_cert_file = Some(v)
+        }),
+    ];
+
+    /// A valid starting point for each mode, with a SAS connection string or a host name.
+    fn base(mode: Mode, with_hostname: bool) -> Args {
+        let mut args = Args::try_parse_from(["servicebusdemo"]).expect("no arguments parse");
+        args.operation_mode = Some(mode.as_str().to_string());
+        args.queue_name = Some("orders".to_string());
+        if with_hostname {
+            args.hostname = Some("ns.servicebus.windows.net".to_string());
+        } else {
+            args.connection_string = Some(format!(
+                "Endpoint=sb://localhost:5672;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={KEY};UseDevelopmentEmulator=true"
+            ));
+        }
+        args
+    }
+
+    /// Values that look like what a setting expects, near misses, and anything at all.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "-?[0-9]{1,25}",
+            // Whole u64 ranges: most of these overflow a clock reading.
+            any::<u64>().prop_map(|secs| format!("{secs}s")),
+            any::<u64>().prop_map(|ms| format!("{ms}ms")),
+            "-?[0-9]{1,22}(ns|us|ms|s|m|h|d|w|M|y|years|x| s)",
+            "[0-9]{1,3}(\\.[0-9]{1,3}){0,4}(:[0-9]{0,6})?",
+            "\\[?[0-9a-f:]{0,12}\\]?(:[0-9]{1,6})?",
+            "(https?|sb|amqps?|ftp)?(://)?[a-zA-Z0-9.:_-]{0,20}(/[a-z/$]{0,10})?",
+            "(producer|consumer|scaler|PRODUCER| producer |json|text|info|[a-z.]{0,12})",
+            "[a-zA-Z0-9.=,;_/$-]{0,40}",
+        ]
+    }
+
+    /// Every duration an accepted configuration holds.
+    fn durations(config: &Config) -> Vec<Duration> {
+        let common = &config.common;
+        let mut all = vec![
+            common.operation_timeout,
+            common.retry.base_delay,
+            common.retry.max_delay,
+        ];
+        match &config.mode {
+            ModeConfig::Producer(_) => {}
+            ModeConfig::Consumer(c) => {
+                all.push(c.processing_delay);
+                all.extend(c.idle_timeout);
+            }
+            ModeConfig::Scaler(s) => {
+                all.push(s.cache_ttl);
+                all.push(s.max_staleness);
+            }
+        }
+        all
+    }
+
+    proptest! {
+        // PROPTEST_CASES runs a longer search.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+        ))]
+
+        /// One setting gets an arbitrary value: the result is a configuration that is safe to
+        /// run with, or one error line that names that setting.
+        #[test]
+        fn one_bad_setting_is_named_and_nothing_panics(
+            mode in prop_oneof![Just(Mode::Producer), Just(Mode::Consumer), Just(Mode::Scaler)],
+            with_hostname in any::<bool>(),
+            index in 0..SETTINGS.len(),
+            raw in value(),
+        ) {
+            let (setting, set) = SETTINGS[index];
+            let mut args = base(mode, with_hostname);
+            set(&mut args, raw.clone());
+            match Config::from_args(args) {
+                Ok(config) => {
+                    let now = Instant::now();
+                    for duration in durations(&config) {
+                        prop_assert!(duration <= MAX_DURATION, "{setting}={raw:?}: {duration:?}");
+                        prop_assert!(now.checked_add(duration).is_some());
+                    }
+                    if let ModeConfig::Producer(p) = &config.mode {
+                        prop_assert!(p.body.len() as u64 <= MAX_MESSAGE_SIZE);
+                    }
+                }
+                Err(err) => {
+                    let line = err.to_string();
+                    prop_assert!(
+                        line.contains(setting),
+                        "{setting}={raw:?} gave an error about something else: {line}"
+                    );
+                    prop_assert!(!line.contains('\n'), "one line: {line:?}");
+                    prop_assert!(!line.contains(KEY), "the key leaked: {line}");
+                }
+            }
+        }
+
+        /// Arbitrary text as a connection string: parsed or refused, never a panic, and the
+        /// error names the setting.
+        #[test]
+        fn connection_string_parser_never_panics(raw in any::<String>()) {
+            match ConnectionString::parse(&raw) {
+                Ok(parsed) => prop_assert!(!parsed.namespace.host.is_empty()),
+                Err(err) => {
+                    prop_assert_eq!(err.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
+                    prop_assert!(!err.to_string().contains('\n'));
+                }
+            }
+        }
+
+        /// Connection strings assembled from real and mangled parts, in any order, with a
+        /// real-looking key: whatever is wrong, the key never appears in the error.
+        #[test]
+        fn connection_string_errors_never_show_the_key(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    "Endpoint=(sb|amqp|amqps|https)://[a-z0-9.-]{0,15}(:[0-9]{1,6})?/?[a-z]{0,3}",
+                    Just("SharedAccessKeyName=RootManageSharedAccessKey".to_string()),
+                    Just(format!("SharedAccessKey={KEY}")),
+                    Just(format!("SharedAccessKey {KEY}")),
+                    Just(format!("SharedAccessKey:{KEY}")),
+                    Just(format!("SharedAccessKey={SHORT_KEY}")),
+                    Just(format!("SharedAccessKey {SHORT_KEY}")),
+                    Just(format!("SharedAccessKey-{SHORT_KEY}")),
+                    Just(format!("SharedAccessSignature=SharedAccessSignature sr=x&sig={KEY}")),
+                    "UseDevelopmentEmulator=(true|false|TRUE|yes|)",
+                    "EntityPath=[a-z]{0,8}",
+                    "[A-Za-z]{0,12}(=[^;]{0,10})?",
+                ],
+                0..7,
+            ),
+            separator in prop_oneof![Just(";"), Just(" ; "), Just(";;")],
+        ) {
+            let raw = parts.join(separator);
+            if let Err(err) = ConnectionString::parse(&raw) {
+                prop_assert_eq!(err.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
+                prop_assert!(!err.to_string().contains(KEY), "{raw:?}: {err}");
+                prop_assert!(!err.to_string().contains(SHORT_KEY), "{raw:?}: {err}");
+            }
+        }
+
+        /// Durations: parsed or refused with a reason, never a panic; accepted ones fit a
+        /// clock reading.
+        #[test]
+        fn duration_parser_never_panics(raw in value()) {
+            if let Ok(duration) = parse_duration(&raw) {
+                prop_assert!(duration <= MAX_DURATION);
+                prop_assert!(Instant::now().checked_add(duration).is_some());
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use common::*;
 
@@ -202,4 +203,332 @@ fn help_lists_settings_and_exits_zero() {
     ] {
         assert!(help.contains(setting), "--help mentions {setting}");
     }
+}
+
+/// Settings to set (`Some`) or remove (`None`) on top of [`base`].
+type Overrides<'a> = &'a [(&'a str, Option<&'a str>)];
+type OwnedOverrides = Vec<(&'static str, Option<String>)>;
+
+/// Values that parse as their type but are out of range, and combinations that cannot work.
+/// Each is one more case of "exit 2, one line naming the setting".
+#[test]
+fn out_of_range_values_and_conflicts_are_refused() {
+    let consumer = ("OPERATION_MODE", Some("consumer"));
+    let cases: &[(Overrides, &str)] = &[
+        // Adding this to a clock reading would overflow (a panic while processing).
+        (
+            &[consumer, ("PROCESSING_DELAY", Some("293000000000y"))],
+            "PROCESSING_DELAY",
+        ),
+        (
+            &[consumer, ("CONSUMER_IDLE_TIMEOUT", Some("0s"))],
+            "CONSUMER_IDLE_TIMEOUT",
+        ),
+        (
+            &[consumer, ("MAX_PROCESSING_ATTEMPTS", Some("0"))],
+            "MAX_PROCESSING_ATTEMPTS",
+        ),
+        (&[("OPERATION_TIMEOUT", Some("0s"))], "OPERATION_TIMEOUT"),
+        (
+            &[
+                ("RETRY_BASE_DELAY", Some("2s")),
+                ("RETRY_MAX_DELAY", Some("1s")),
+            ],
+            "RETRY_MAX_DELAY",
+        ),
+        (
+            &[("RETRY_MAX_ATTEMPTS", Some("many"))],
+            "RETRY_MAX_ATTEMPTS",
+        ),
+        (&[("MESSAGE_SIZE", Some("200000000"))], "MESSAGE_SIZE"),
+        (
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", Some("ftp://collector:4317"))],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            &[(
+                "AZURE_SERVICEBUS_HOSTNAME",
+                Some("ns.servicebus.windows.net"),
+            )],
+            "AZURE_SERVICEBUS_CONNECTION_STRING",
+        ),
+        (
+            &[
+                ("AZURE_SERVICEBUS_CONNECTION_STRING", None),
+                (
+                    "AZURE_SERVICEBUS_HOSTNAME",
+                    Some("ns.servicebus.windows.net/orders"),
+                ),
+            ],
+            "AZURE_SERVICEBUS_HOSTNAME",
+        ),
+        (
+            &[
+                ("AZURE_SERVICEBUS_CONNECTION_STRING", None),
+                ("AZURE_SERVICEBUS_HOSTNAME", Some("ns:99999")),
+            ],
+            "AZURE_SERVICEBUS_HOSTNAME",
+        ),
+        // An all-digit name is an out-of-range IPv4 address to URL parsing; found by the
+        // settings fuzzer, where it used to be blamed on the management endpoint.
+        (
+            &[
+                ("OPERATION_MODE", Some("scaler")),
+                ("AZURE_SERVICEBUS_CONNECTION_STRING", None),
+                ("AZURE_SERVICEBUS_HOSTNAME", Some("4300000000")),
+            ],
+            "AZURE_SERVICEBUS_HOSTNAME",
+        ),
+    ];
+    for (overrides, setting) in cases {
+        refused(overrides, setting);
+    }
+    println!("{} out-of-range and conflict cases refused", cases.len());
+}
+
+#[test]
+fn more_malformed_connection_strings_are_refused() {
+    let cases = [
+        "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0;UseDevelopmentEmulator=maybe",
+        "Endpoint=sb://localhost/orders;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0",
+        "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0;Colour=blue",
+        "Endpoint=sb://localhost;SharedAccessSignature=sr=x&sig=c2VjcmV0",
+        "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=",
+        "Endpoint=sb://:5672;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0",
+        // A mistyped separator: the part is reported, but not the short key in it.
+        "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey c2VjcmV0",
+    ];
+    for bad in cases {
+        refused(
+            &[("AZURE_SERVICEBUS_CONNECTION_STRING", Some(bad))],
+            "AZURE_SERVICEBUS_CONNECTION_STRING",
+        );
+    }
+    println!("{} malformed connection strings refused", cases.len());
+}
+
+/// The workload-identity variables the webhook injects, pointing at `token_file`.
+fn workload(token_file: &str) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("AZURE_SERVICEBUS_CONNECTION_STRING", None),
+        (
+            "AZURE_SERVICEBUS_HOSTNAME",
+            Some("ns.servicebus.windows.net".to_string()),
+        ),
+        (
+            "AZURE_CLIENT_ID",
+            Some("00000000-0000-0000-0000-000000000001".to_string()),
+        ),
+        (
+            "AZURE_TENANT_ID",
+            Some("00000000-0000-0000-0000-000000000002".to_string()),
+        ),
+        ("AZURE_FEDERATED_TOKEN_FILE", Some(token_file.to_string())),
+        (
+            "AZURE_AUTHORITY_HOST",
+            Some("https://login.microsoftonline.com/".to_string()),
+        ),
+    ]
+}
+
+fn refused_owned(overrides: &[(&str, Option<String>)], setting: &str) {
+    let borrowed: Vec<(&str, Option<&str>)> =
+        overrides.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+    refused(&borrowed, setting);
+}
+
+/// Token files that can never be exchanged, and a broken webhook injection, are refused
+/// before any token request.
+#[test]
+fn bad_token_files_and_partial_webhook_variables_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").expect("write");
+    let good = dir.path().join("token");
+    std::fs::write(&good, "header.payload.signature").expect("write");
+    let good = good.to_str().expect("utf-8").to_string();
+    let dir_path = dir.path().to_str().expect("utf-8").to_string();
+    let empty = empty.to_str().expect("utf-8").to_string();
+
+    let mut count = 0;
+    // A directory opens fine on Linux but is no token.
+    refused_owned(&workload(&dir_path), "AZURE_FEDERATED_TOKEN_FILE");
+    count += 1;
+    refused_owned(&workload(&empty), "AZURE_FEDERATED_TOKEN_FILE");
+    count += 1;
+    for (missing, setting) in [
+        ("AZURE_CLIENT_ID", "AZURE_CLIENT_ID"),
+        ("AZURE_TENANT_ID", "AZURE_TENANT_ID"),
+    ] {
+        let mut env = workload(&good);
+        env.retain(|(k, _)| *k != missing);
+        env.push((missing, None));
+        refused_owned(&env, setting);
+        count += 1;
+    }
+    let mut env = workload(&good);
+    env.push((
+        "AZURE_AUTHORITY_HOST",
+        Some("http://login.microsoftonline.com/".to_string()),
+    ));
+    refused_owned(&env, "AZURE_AUTHORITY_HOST");
+    count += 1;
+    println!("{count} token-file and webhook cases refused");
+}
+
+#[test]
+fn bad_scaler_settings_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir_path = dir.path().to_str().expect("utf-8").to_string();
+    let scaler = ("OPERATION_MODE", Some("scaler".to_string()));
+    let cases: Vec<(OwnedOverrides, &str)> = vec![
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_QUEUES", Some("orders, bad queue!".to_string())),
+            ],
+            "SCALER_QUEUES",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CLIENT_CA_FILE", Some(dir_path.clone())),
+            ],
+            "SCALER_TLS_CLIENT_CA_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", Some(dir_path.clone())),
+                ("SCALER_TLS_KEY_FILE", Some(dir_path.clone())),
+            ],
+            "SCALER_TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_MAX_STALENESS", Some("forever".to_string())),
+            ],
+            "SCALER_MAX_STALENESS",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                (
+                    "AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT",
+                    Some("localhost:5300".to_string()),
+                ),
+            ],
+            "AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT",
+        ),
+        (
+            vec![scaler, ("SCALER_GRPC_ADDR", Some("0.0.0.0".to_string()))],
+            "SCALER_GRPC_ADDR",
+        ),
+    ];
+    for (overrides, setting) in &cases {
+        refused_owned(overrides, setting);
+    }
+    println!("{} scaler setting cases refused", cases.len());
+}
+
+mod proto {
+    tonic::include_proto!("externalscaler");
+}
+
+/// Bad trigger metadata reaches a running scaler from KEDA, not from its environment: each
+/// case is answered `INVALID_ARGUMENT` naming the field, by every RPC that takes metadata,
+/// before anything asks the namespace.
+#[tokio::test]
+async fn bad_scaler_metadata_is_invalid_argument_naming_the_field() {
+    use proto::external_scaler_client::ExternalScalerClient;
+    use proto::{GetMetricsRequest, ScaledObjectRef};
+
+    let mut env = base();
+    env.remove("AZURE_SERVICEBUS_QUEUE_NAME");
+    env.insert("OPERATION_MODE".into(), "scaler".into());
+    let mut scaler = demo_command(&env, &[("SCALER_GRPC_ADDR", "127.0.0.1:0")])
+        .spawn()
+        .expect("spawn scaler");
+    let logs = LogStream::attach(&mut scaler);
+    let grpc_addr = loop {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = scaler.kill();
+            panic!("scaler did not log its gRPC address");
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if log_message(&json).contains("externalscaler.ExternalScaler") {
+            if let Some(addr) = log_field(&json, "addr").and_then(|a| a.as_str()) {
+                break addr.to_string();
+            }
+        }
+    };
+    let mut client = ExternalScalerClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .expect("connect to scaler");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "queueName"),
+        (&[("queueName", "bad queue!")], "queueName"),
+        (
+            &[("queueName", "orders"), ("messageCount", "zero")],
+            "messageCount",
+        ),
+        (
+            &[("queueName", "orders"), ("messageCount", "0")],
+            "messageCount",
+        ),
+        (
+            &[("queueName", "orders"), ("messageCount", "1.5")],
+            "messageCount",
+        ),
+        (
+            &[("queueName", "orders"), ("activationMessageCount", "-3")],
+            "activationMessageCount",
+        ),
+        (
+            &[("queueName", "orders"), ("namespace", "fabrikam")],
+            "namespace",
+        ),
+    ];
+    for (pairs, field) in cases {
+        let reference = ScaledObjectRef {
+            name: "consumer".into(),
+            namespace: "default".into(),
+            scaler_metadata: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        };
+        let statuses = [
+            client
+                .is_active(reference.clone())
+                .await
+                .expect_err("IsActive"),
+            client
+                .get_metric_spec(reference.clone())
+                .await
+                .expect_err("GetMetricSpec"),
+            client
+                .get_metrics(GetMetricsRequest {
+                    scaled_object_ref: Some(reference.clone()),
+                    metric_name: String::new(),
+                })
+                .await
+                .expect_err("GetMetrics"),
+        ];
+        for status in statuses {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{pairs:?}");
+            assert!(
+                status.message().contains(field),
+                "{pairs:?}: {}",
+                status.message()
+            );
+        }
+    }
+    println!("{} scaler metadata cases refused", cases.len());
+    terminate(&scaler);
+    let status = scaler.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
 }

@@ -7,14 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::link::Sender;
+use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
+use fe2o3_amqp::link::{SendError, Sender};
 use fe2o3_amqp::types::definitions::SenderSettleMode;
 use fe2o3_amqp::types::messaging::message::__private::Serializable;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Batch, Data, Message, MessageId, Outcome, Properties,
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
+use serde::Serialize as _;
 
 use super::link_errors;
 use super::{with_timeout, AmqpConnection, ServiceBusError};
@@ -25,6 +26,9 @@ use crate::config::Namespace;
 pub const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
 /// Used when the broker announces no limit: Standard tier's 256 KiB.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 256 * 1024;
+/// Encoded bytes of a message beyond its id, properties and body (descriptors, constructors,
+/// lengths), generously: an estimate for the buffer, not a limit.
+const ENCODING_OVERHEAD: usize = 64;
 
 /// A message to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,25 +38,44 @@ pub struct OutgoingMessage {
     pub application_properties: Vec<(String, String)>,
 }
 
-/// Encode a message as it travels inside a batch's data section.
-pub fn encode(message: &OutgoingMessage) -> Result<Vec<u8>, ServiceBusError> {
+/// Encode a message as it travels inside a batch's data section. Takes the message by value:
+/// its id, properties and body move into the encoding without copies (the producer's profile
+/// was dominated by allocation and copying).
+pub fn encode(message: OutgoingMessage) -> Result<Vec<u8>, ServiceBusError> {
+    let OutgoingMessage {
+        message_id,
+        body,
+        application_properties: pairs,
+    } = message;
+    // Room for the body plus sections and properties: one allocation, no regrowth.
+    let capacity = body.len()
+        + message_id.len()
+        + pairs
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>()
+        + ENCODING_OVERHEAD;
     let properties = Properties {
-        message_id: Some(MessageId::String(message.message_id.clone())),
+        message_id: Some(MessageId::String(message_id)),
         ..Default::default()
     };
     let mut application_properties = ApplicationProperties::default();
-    for (key, value) in &message.application_properties {
+    for (key, value) in pairs {
         application_properties
             .as_inner_mut()
-            .insert(key.clone(), SimpleValue::String(value.clone()));
+            .insert(key, SimpleValue::String(value));
     }
     let amqp_message = Message::builder()
         .properties(properties)
         .application_properties(application_properties)
-        .data(Binary::from(message.body.clone()))
+        .data(Binary::from(body))
         .build();
-    serde_amqp::to_vec(&Serializable(amqp_message))
-        .map_err(|err| ServiceBusError::Protocol(format!("encode message: {err}")))
+    let mut encoded = Vec::with_capacity(capacity);
+    let mut serializer = serde_amqp::ser::Serializer::new(&mut encoded);
+    Serializable(amqp_message)
+        .serialize(&mut serializer)
+        .map_err(|err| ServiceBusError::Protocol(format!("encode message: {err}")))?;
+    Ok(encoded)
 }
 
 /// Encoded size of one data section holding `len` bytes: descriptor (3 bytes), binary
@@ -110,6 +133,74 @@ impl BatchBuilder {
     }
 }
 
+/// Encoded messages packed into one batch transfer, built once: a retry after a reconnect
+/// sends the same transfer again by reference.
+pub struct OutgoingBatch {
+    sendable: Sendable<Batch<Data>>,
+    messages: usize,
+}
+
+impl OutgoingBatch {
+    /// The encoded messages move into the batch's data sections without a copy.
+    pub fn new(encoded: Vec<Vec<u8>>) -> Self {
+        let messages = encoded.len();
+        let sections: Vec<Data> = encoded
+            .into_iter()
+            .map(|bytes| Data(Binary::from(bytes)))
+            .collect();
+        let message = Message::builder().body(Batch::new(sections)).build();
+        let sendable = Sendable::builder()
+            .message(message)
+            .message_format(BATCH_MESSAGE_FORMAT)
+            .settled(false)
+            .build();
+        Self { sendable, messages }
+    }
+
+    /// How many messages the batch holds.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+}
+
+/// A batch on its way: the broker's answer is still to come.
+pub struct PendingSend {
+    delivery: DeliveryFut<Result<Outcome, SendError>>,
+    context: String,
+    timeout: Duration,
+}
+
+impl PendingSend {
+    /// Wait for the broker's answer: `Ok` once it accepted every message of the batch.
+    pub async fn outcome(self) -> Result<(), ServiceBusError> {
+        let context = self.context;
+        let delivery = self.delivery;
+        let outcome = with_timeout("send", self.timeout, async {
+            delivery
+                .await
+                .map_err(|err| link_errors::send(&context, &err))
+        })
+        .await?;
+        match outcome {
+            Outcome::Accepted(_) => Ok(()),
+            Outcome::Rejected(rejected) => Err(match rejected.error {
+                Some(error) => ServiceBusError::from_amqp(&context, &error),
+                None => ServiceBusError::Protocol(format!("{context}: rejected")),
+            }),
+            Outcome::Released(_) => Err(ServiceBusError::ServerBusy(format!(
+                "{context}: released by the broker"
+            ))),
+            Outcome::Modified(_) => Err(ServiceBusError::ServerBusy(format!(
+                "{context}: not delivered (modified)"
+            ))),
+            #[allow(unreachable_patterns)]
+            _ => Err(ServiceBusError::Protocol(format!(
+                "{context}: unexpected outcome"
+            ))),
+        }
+    }
+}
+
 /// A sender link on a queue, with the connection it lives on.
 pub struct QueueSender {
     connection: AmqpConnection,
@@ -158,44 +249,50 @@ impl QueueSender {
         self.max_message_size
     }
 
-    /// Send already encoded messages as one batch transfer; returns once the broker accepted it.
-    pub async fn send_batch(&mut self, encoded: &[Vec<u8>]) -> Result<(), ServiceBusError> {
-        let sections: Vec<Data> = encoded
-            .iter()
-            .map(|bytes| Data(Binary::from(bytes.clone())))
-            .collect();
-        let message = Message::builder().body(Batch::new(sections)).build();
-        let sendable = Sendable::builder()
-            .message(message)
-            .message_format(BATCH_MESSAGE_FORMAT)
-            .settled(false)
-            .build();
+    /// Send a batch and wait until the broker accepted it.
+    pub async fn send_batch(&mut self, batch: &OutgoingBatch) -> Result<(), ServiceBusError> {
+        let pending = self.start_send(batch).await?;
+        self.outcome(pending).await
+    }
+
+    /// Wait for the broker's answer to a batch started on this sender. fe2o3 keeps waiting
+    /// for the outcome of a transfer whose connection the broker closed; once the session
+    /// has stopped the answer can never come, so fail now instead of after the whole
+    /// operation timeout.
+    pub async fn outcome(&mut self, pending: PendingSend) -> Result<(), ServiceBusError> {
+        let lost = format!(
+            "{}: the connection was closed before the broker answered",
+            pending.context
+        );
+        tokio::select! {
+            // An answer that did arrive wins over the session's end (no needless resend).
+            biased;
+            answered = pending.outcome() => answered,
+            _ = self.connection.session.on_end() => Err(ServiceBusError::Disconnected(lost)),
+        }
+    }
+
+    /// Hand a batch to the link and return without waiting for the broker's answer, so the
+    /// next batch can be built meanwhile. Await [`PendingSend::outcome`] before starting the
+    /// next send: one unanswered batch at a time keeps a retry after a lost connection exact.
+    pub async fn start_send(
+        &mut self,
+        batch: &OutgoingBatch,
+    ) -> Result<PendingSend, ServiceBusError> {
         let context = format!("send to {}", self.queue);
         let timeout = self.connection.timeout;
-        let outcome = with_timeout("send", timeout, async {
+        let delivery = with_timeout("send", timeout, async {
             self.link
-                .send(sendable)
+                .send_batchable_ref(&batch.sendable)
                 .await
                 .map_err(|err| link_errors::send(&context, &err))
         })
         .await?;
-        match outcome {
-            Outcome::Accepted(_) => Ok(()),
-            Outcome::Rejected(rejected) => Err(match rejected.error {
-                Some(error) => ServiceBusError::from_amqp(&context, &error),
-                None => ServiceBusError::Protocol(format!("{context}: rejected")),
-            }),
-            Outcome::Released(_) => Err(ServiceBusError::ServerBusy(format!(
-                "{context}: released by the broker"
-            ))),
-            Outcome::Modified(_) => Err(ServiceBusError::ServerBusy(format!(
-                "{context}: not delivered (modified)"
-            ))),
-            #[allow(unreachable_patterns)]
-            _ => Err(ServiceBusError::Protocol(format!(
-                "{context}: unexpected outcome"
-            ))),
-        }
+        Ok(PendingSend {
+            delivery,
+            context,
+            timeout,
+        })
     }
 
     pub async fn close(self) {
@@ -225,7 +322,7 @@ mod tests {
             let encoded: Vec<Vec<u8>> = lens
                 .iter()
                 .enumerate()
-                .map(|(i, len)| encode(&message(i, *len)).expect("encode"))
+                .map(|(i, len)| encode(message(i, *len)).expect("encode"))
                 .collect();
             let computed: u64 = encoded.iter().map(|m| data_section_size(m.len())).sum();
             let sections: Vec<Data> = encoded
@@ -257,7 +354,7 @@ mod tests {
     #[test]
     fn batches_are_filled_to_the_limit() {
         let encoded: Vec<Vec<u8>> = (0..100)
-            .map(|i| encode(&message(i, 100)).expect("encode"))
+            .map(|i| encode(message(i, 100)).expect("encode"))
             .collect();
         let one = data_section_size(encoded[0].len());
         assert_eq!(pack(&encoded, 256 * 1024).expect("pack"), vec![100]);
@@ -278,7 +375,7 @@ mod tests {
 
     #[test]
     fn encoded_message_carries_id_and_properties() {
-        let encoded = encode(&message(7, 3)).expect("encode");
+        let encoded = encode(message(7, 3)).expect("encode");
         let text = String::from_utf8_lossy(&encoded);
         assert!(text.contains("id-007"));
         assert!(text.contains("source"));
