@@ -19,6 +19,7 @@ venv="$repo_root/.venv"
 failed_steps=()
 passed=0
 failed=0
+skipped=0
 
 note() { printf '\n==> %s\n' "$*"; }
 
@@ -66,16 +67,17 @@ step() {
 
 # Sums the summaries of cargo test, pytest, node's test runner and check-deploy.sh.
 count_results() {
-  local file=$1 p f
-  read -r p f < <(awk '
-    /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
-    /^=+ .*(passed|failed).* in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed,?$/) p += $i; if ($(i+1) ~ /^(failed|errors?),?$/) f += $i } }
-    /^checks: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
-    /^ℹ pass [0-9]+$/ { p += $3 }
-    /^ℹ fail [0-9]+$/ { f += $3 }
-    END { print p + 0, f + 0 }' "$file")
+  local file=$1 p f s
+  read -r p f s < <(awk '
+    function add(word, n) { if (word ~ /^passed/) p += n; else if (word ~ /^(failed|errors?)/) f += n; else if (word ~ /^(skipped|ignored)/) s += n }
+    /^test result:/ { for (i = 1; i < NF; i++) if ($i ~ /^[0-9]+$/) add($(i+1), $i) }
+    /^(=+ )?[0-9]+ (passed|failed|errors?|skipped)(,.*)? in [0-9.]+s/ { for (i = 1; i < NF; i++) if ($i ~ /^[0-9]+$/) add($(i+1), $i) }
+    /^checks: [0-9]+ passed, [0-9]+ failed/ { for (i = 2; i < NF; i++) if ($i ~ /^[0-9]+$/) add($(i+1), $i) }
+    /^ℹ (pass|fail|skipped) [0-9]+$/ { add($2 == "pass" ? "passed" : $2 == "fail" ? "failed" : "skipped", $3) }
+    END { print p + 0, f + 0, s + 0 }' "$file")
   passed=$((passed + p))
   failed=$((failed + f))
+  skipped=$((skipped + s))
 }
 
 if [ -z "${SKIP_SETUP:-}" ]; then
@@ -105,5 +107,5 @@ note "summary"
 if [ ${#failed_steps[@]} -gt 0 ]; then
   printf 'failed: %s\n' "${failed_steps[@]}"
 fi
-echo "total: $passed passed, $failed failed"
+echo "total: $passed passed, $failed failed, $skipped skipped"
 [ ${#failed_steps[@]} -eq 0 ]

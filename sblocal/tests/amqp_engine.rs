@@ -41,7 +41,7 @@ impl TokenValidator for TestValidator {
                 send: true,
                 ..Rights::default()
             },
-            "brief" => {
+            "short-lived" => {
                 return Ok(Grant {
                     rights: Rights {
                         send: true,
@@ -49,7 +49,7 @@ impl TokenValidator for TestValidator {
                         manage: false,
                     },
                     expires_at: SystemTime::now() + Duration::from_millis(300),
-                    subject: "brief".into(),
+                    subject: "short-lived".into(),
                 })
             }
             "expired" => return Err(AuthError::Expired),
@@ -1077,7 +1077,7 @@ async fn nothing_is_delivered_once_the_token_expired() {
     let broker = broker();
     let mut receiving = connect(&broker);
     receiving.open(64 * 1024).await;
-    assert_eq!(receiving.put_token("brief").await, 202);
+    assert_eq!(receiving.put_token("short-lived").await, 202);
     attach_receiver(&mut receiving, 2, SenderSettleMode::Unsettled).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
 
