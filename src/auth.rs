@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use azure_core::credentials::{TokenCredential, TokenRequestOptions};
@@ -21,7 +21,6 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::Sha256;
-use tokio::sync::Mutex;
 
 use crate::config::{AuthConfig, SharedAccessKey};
 use crate::telemetry::{Metrics, RequestOutcome};
@@ -198,7 +197,9 @@ struct NamedCredential {
 /// Entra credentials tried in order; the first that gives a token is kept.
 struct EntraChain {
     candidates: Vec<NamedCredential>,
-    chosen: Mutex<Option<usize>>,
+    /// Index of the kept candidate. Only read and set, never held across a token request:
+    /// a hung token endpoint must not queue every other caller behind it.
+    chosen: OnceLock<usize>,
 }
 
 enum Source {
@@ -241,19 +242,15 @@ impl Credentials {
                 client_id,
                 token_file,
                 authority_host,
-            } => Source::Entra(EntraChain {
-                candidates: vec![workload_identity(
-                    tenant_id,
-                    client_id,
-                    token_file,
-                    authority_host.as_deref(),
-                )?],
-                chosen: Mutex::new(None),
-            }),
-            AuthConfig::Ambient { client_id } => Source::Entra(EntraChain {
-                candidates: ambient(client_id.as_deref())?,
-                chosen: Mutex::new(None),
-            }),
+            } => Source::Entra(EntraChain::new(vec![workload_identity(
+                tenant_id,
+                client_id,
+                token_file,
+                authority_host.as_deref(),
+            )?])),
+            AuthConfig::Ambient { client_id } => {
+                Source::Entra(EntraChain::new(ambient(client_id.as_deref())?))
+            }
         };
         let credentials = Self { source, metrics };
         tracing::info!(credential = credentials.describe(), "credential chosen");
@@ -322,22 +319,30 @@ impl crate::servicebus::admin::Authorizer for Credentials {
 }
 
 impl EntraChain {
+    fn new(candidates: Vec<NamedCredential>) -> Self {
+        Self {
+            candidates,
+            chosen: OnceLock::new(),
+        }
+    }
+
     async fn token(&self) -> Result<AccessToken, AuthError> {
-        let mut chosen = self.chosen.lock().await;
-        if let Some(index) = *chosen {
+        if let Some(&index) = self.chosen.get() {
             return get_token(&self.candidates[index]).await;
         }
         if let [only] = self.candidates.as_slice() {
             let token = get_token(only).await?;
-            *chosen = Some(0);
+            let _ = self.chosen.set(0);
             return Ok(token);
         }
         let mut failures = Vec::new();
         for (index, candidate) in self.candidates.iter().enumerate() {
             match get_token(candidate).await {
                 Ok(token) => {
-                    tracing::info!(credential = candidate.name, "credential chosen");
-                    *chosen = Some(index);
+                    // Concurrent first callers may all probe; the first to succeed decides.
+                    if self.chosen.set(index).is_ok() {
+                        tracing::info!(credential = candidate.name, "credential chosen");
+                    }
                     return Ok(token);
                 }
                 Err(err) => {
@@ -380,7 +385,7 @@ async fn get_token(candidate: &NamedCredential) -> Result<AccessToken, AuthError
 
 /// An answer from the identity provider (4xx) is final; anything else may pass.
 fn classify(credential: &'static str, err: azure_core::Error) -> AuthError {
-    let message = first_line(&err.to_string());
+    let message = join_lines(&err.to_string());
     let status = find_http_status(&err);
     match status {
         Some(code) if (400..500).contains(&code) && code != 429 && code != 408 => {
@@ -409,7 +414,9 @@ fn find_http_status(err: &azure_core::Error) -> Option<u16> {
     }
 }
 
-fn first_line(text: &str) -> String {
+/// All non-empty lines of `text`, trimmed and joined with spaces: error messages from the
+/// identity libraries span several lines, and a log field or status message must be one.
+fn join_lines(text: &str) -> String {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -443,7 +450,7 @@ fn workload_identity(
     )
     .map_err(|err| AuthError::Setup {
         credential: "workload identity",
-        message: first_line(&err.to_string()),
+        message: join_lines(&err.to_string()),
     })?;
     Ok(NamedCredential {
         name: "workload identity (federated token file)",
@@ -458,11 +465,11 @@ fn ambient(client_id: Option<&str>) -> Result<Vec<NamedCredential>, AuthError> {
     }))
     .map_err(|err| AuthError::Setup {
         credential: "managed identity",
-        message: first_line(&err.to_string()),
+        message: join_lines(&err.to_string()),
     })?;
     let developer = DeveloperToolsCredential::new(None).map_err(|err| AuthError::Setup {
         credential: "developer tools",
-        message: first_line(&err.to_string()),
+        message: join_lines(&err.to_string()),
     })?;
     Ok(vec![
         NamedCredential {
@@ -558,5 +565,62 @@ mod tests {
         assert_eq!(assertion.secret(None).await.expect("read"), "second");
         std::fs::remove_file(&path).expect("remove");
         assert!(assertion.secret(None).await.is_err());
+    }
+    /// A token endpoint that answers only once `barrier` callers are inside it at once.
+    #[derive(Debug)]
+    struct GatedCredential {
+        barrier: tokio::sync::Barrier,
+    }
+
+    #[async_trait::async_trait]
+    impl TokenCredential for GatedCredential {
+        async fn get_token(
+            &self,
+            _scopes: &[&str],
+            _options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            self.barrier.wait().await;
+            Ok(azure_core::credentials::AccessToken::new(
+                "entra-token",
+                azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+            ))
+        }
+    }
+
+    fn gated_chain() -> EntraChain {
+        EntraChain::new(vec![NamedCredential {
+            name: "gated",
+            credential: Arc::new(GatedCredential {
+                barrier: tokio::sync::Barrier::new(2),
+            }),
+        }])
+    }
+
+    /// Both callers must be inside the token request together for either to get a token;
+    /// a lock held across the request would leave them waiting for each other forever
+    /// (the paused clock turns that into an immediate timeout).
+    #[tokio::test(start_paused = true)]
+    async fn token_requests_do_not_wait_for_each_other() {
+        let unchosen = gated_chain();
+        let chosen = gated_chain();
+        chosen.chosen.set(0).expect("fresh chain");
+        for chain in [unchosen, chosen] {
+            let both = async { tokio::join!(chain.token(), chain.token()) };
+            let (first, second) = tokio::time::timeout(Duration::from_secs(60), both)
+                .await
+                .expect("concurrent token requests run side by side");
+            assert_eq!(first.expect("first").secret(), "entra-token");
+            assert_eq!(second.expect("second").secret(), "entra-token");
+            assert_eq!(chain.chosen.get(), Some(&0));
+        }
+    }
+
+    #[test]
+    fn join_lines_makes_one_line_of_all_non_empty_lines() {
+        assert_eq!(
+            join_lines("AADSTS700016: app not found\n\n  Trace ID: 42  \nmore"),
+            "AADSTS700016: app not found Trace ID: 42 more"
+        );
+        assert_eq!(join_lines("single"), "single");
     }
 }

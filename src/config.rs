@@ -68,8 +68,9 @@ impl Mode {
 }
 
 /// Raw command line and environment. Everything is a string here; [`Config::from_args`]
-/// turns it into typed values with errors that name the variable.
-#[derive(Debug, Parser)]
+/// turns it into typed values with errors that name the variable. `Debug` hides the
+/// connection string (it holds a key or a signature).
+#[derive(Parser)]
 #[command(
     name = "servicebusdemo",
     version,
@@ -89,7 +90,7 @@ pub struct Args {
     #[arg(long, env = "MESSAGE_COUNT", global = true)]
     pub message_count: Option<String>,
 
-    /// Queue name.
+    /// Queue name (default: the connection string's EntityPath, which it must match).
     #[arg(long, env = "AZURE_SERVICEBUS_QUEUE_NAME", global = true)]
     pub queue_name: Option<String>,
 
@@ -213,6 +214,49 @@ pub struct Args {
     /// PEM CA that client certificates must chain to (enables mutual TLS).
     #[arg(long, env = "SCALER_TLS_CLIENT_CA_FILE", global = true)]
     pub scaler_tls_client_ca_file: Option<String>,
+}
+
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("command", &self.command)
+            .field("operation_mode", &self.operation_mode)
+            .field("message_count", &self.message_count)
+            .field("queue_name", &self.queue_name)
+            .field("hostname", &self.hostname)
+            .field(
+                "connection_string",
+                &self.connection_string.as_ref().map(|_| "<redacted>"),
+            )
+            .field("management_endpoint", &self.management_endpoint)
+            .field("client_id", &self.client_id)
+            .field("tenant_id", &self.tenant_id)
+            .field("federated_token_file", &self.federated_token_file)
+            .field("authority_host", &self.authority_host)
+            .field("message_body", &self.message_body)
+            .field("message_size", &self.message_size)
+            .field("processing_delay", &self.processing_delay)
+            .field("consumer_idle_timeout", &self.consumer_idle_timeout)
+            .field("prefetch", &self.prefetch)
+            .field("max_processing_attempts", &self.max_processing_attempts)
+            .field("processing_fail_match", &self.processing_fail_match)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("retry_max_attempts", &self.retry_max_attempts)
+            .field("retry_base_delay", &self.retry_base_delay)
+            .field("retry_max_delay", &self.retry_max_delay)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log_format", &self.log_format)
+            .field("log_filter", &self.log_filter)
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("scaler_grpc_addr", &self.scaler_grpc_addr)
+            .field("scaler_cache_ttl", &self.scaler_cache_ttl)
+            .field("scaler_max_staleness", &self.scaler_max_staleness)
+            .field("scaler_queues", &self.scaler_queues)
+            .field("scaler_tls_cert_file", &self.scaler_tls_cert_file)
+            .field("scaler_tls_key_file", &self.scaler_tls_key_file)
+            .field("scaler_tls_client_ca_file", &self.scaler_tls_client_ca_file)
+            .finish()
+    }
 }
 
 /// How the AMQP connection is carried.
@@ -402,12 +446,14 @@ impl Config {
     /// Validate everything. No I/O except checking that named files are readable.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let mode = parse_mode(&args)?;
-        let common = parse_common(&args, mode)?;
+        let (namespace, auth, entity_path) = parse_namespace_and_auth(&args)?;
+        let common = parse_common(&args, mode, namespace, auth)?;
+        let queue = parse_queue_name(&args, entity_path.as_deref())?;
         let mut notes = Vec::new();
         let mode = match mode {
-            Mode::Producer => ModeConfig::Producer(parse_producer(&args)?),
-            Mode::Consumer => ModeConfig::Consumer(parse_consumer(&args, &mut notes)?),
-            Mode::Scaler => ModeConfig::Scaler(parse_scaler(&args, &common.namespace)?),
+            Mode::Producer => ModeConfig::Producer(parse_producer(&args, queue)?),
+            Mode::Consumer => ModeConfig::Consumer(parse_consumer(&args, queue, &mut notes)?),
+            Mode::Scaler => ModeConfig::Scaler(parse_scaler(&args, queue, &common.namespace)?),
         };
         Ok(Config {
             common,
@@ -448,8 +494,12 @@ fn parse_mode(args: &Args) -> Result<Mode, ConfigError> {
     }
 }
 
-fn parse_common(args: &Args, mode: Mode) -> Result<CommonConfig, ConfigError> {
-    let (namespace, auth) = parse_namespace_and_auth(args)?;
+fn parse_common(
+    args: &Args,
+    mode: Mode,
+    namespace: Namespace,
+    auth: AuthConfig,
+) -> Result<CommonConfig, ConfigError> {
     let metrics_addr = parse_socket_addr(
         "METRICS_ADDR",
         non_empty(&args.metrics_addr).unwrap_or("0.0.0.0:8080"),
@@ -531,7 +581,11 @@ fn parse_common(args: &Args, mode: Mode) -> Result<CommonConfig, ConfigError> {
     })
 }
 
-fn parse_namespace_and_auth(args: &Args) -> Result<(Namespace, AuthConfig), ConfigError> {
+/// The namespace, the credentials and, for a connection string scoped to one entity, its
+/// `EntityPath`.
+fn parse_namespace_and_auth(
+    args: &Args,
+) -> Result<(Namespace, AuthConfig, Option<String>), ConfigError> {
     let hostname = non_empty(&args.hostname);
     let connection_string = non_empty(&args.connection_string);
     match (hostname, connection_string) {
@@ -545,12 +599,12 @@ fn parse_namespace_and_auth(args: &Args) -> Result<(Namespace, AuthConfig), Conf
         )),
         (None, Some(cs)) => {
             let parsed = ConnectionString::parse(cs)?;
-            Ok((parsed.namespace, parsed.auth))
+            Ok((parsed.namespace, parsed.auth, parsed.entity_path))
         }
         (Some(host), None) => {
             let namespace = parse_hostname(host)?;
             let auth = parse_identity(args)?;
-            Ok((namespace, auth))
+            Ok((namespace, auth, None))
         }
     }
 }
@@ -827,20 +881,63 @@ fn parse_endpoint(endpoint: &str, emulator: bool) -> Result<Namespace, String> {
     })
 }
 
-fn parse_queue_name(args: &Args) -> Result<String, ConfigError> {
-    let name = non_empty(&args.queue_name).ok_or_else(|| {
-        ConfigError::new("AZURE_SERVICEBUS_QUEUE_NAME", "not set: the queue to use")
-    })?;
-    validate_entity_name(name)
-        .map_err(|problem| ConfigError::new("AZURE_SERVICEBUS_QUEUE_NAME", problem))?;
-    Ok(name.to_string())
+/// The queue: AZURE_SERVICEBUS_QUEUE_NAME, or else the `EntityPath` of a connection string
+/// scoped to one queue. When both are given they must agree: the string's key only opens
+/// its own entity, so any other queue would fail at the first request.
+fn parse_queue_name(args: &Args, entity_path: Option<&str>) -> Result<Option<String>, ConfigError> {
+    const SETTING: &str = "AZURE_SERVICEBUS_QUEUE_NAME";
+    let entity_path = entity_path.filter(|path| !path.is_empty());
+    match (non_empty(&args.queue_name), entity_path) {
+        (Some(name), entity_path) => {
+            validate_entity_name(name).map_err(|problem| ConfigError::new(SETTING, problem))?;
+            match entity_path {
+                Some(path) if !names_queue_of(name, path) => Err(ConfigError::new(
+                    SETTING,
+                    format!(
+                        "{name:?} is not the queue AZURE_SERVICEBUS_CONNECTION_STRING is scoped to (EntityPath={path:?}); unset one of them or make them agree"
+                    ),
+                )),
+                _ => Ok(Some(name.to_string())),
+            }
+        }
+        (None, Some(path)) => {
+            validate_entity_name(path).map_err(|problem| {
+                ConfigError::new(
+                    "AZURE_SERVICEBUS_CONNECTION_STRING",
+                    format!("EntityPath: {problem}"),
+                )
+            })?;
+            Ok(Some(path.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
 }
+
+/// Whether queue name `name` reads the entity `entity_path`: the entity itself or its
+/// dead-letter sub-queue. Service Bus entity names are case-insensitive.
+fn names_queue_of(name: &str, entity_path: &str) -> bool {
+    let base = name.strip_suffix(DEAD_LETTER_SUFFIX).unwrap_or(name);
+    name.eq_ignore_ascii_case(entity_path) || base.eq_ignore_ascii_case(entity_path)
+}
+
+/// A queue the mode cannot run without.
+fn require_queue(queue: Option<String>) -> Result<String, ConfigError> {
+    queue.ok_or_else(|| {
+        ConfigError::new(
+            "AZURE_SERVICEBUS_QUEUE_NAME",
+            "not set: the queue to use (or EntityPath in AZURE_SERVICEBUS_CONNECTION_STRING)",
+        )
+    })
+}
+
+/// The path of a queue's dead-letter sub-queue, relative to the queue.
+const DEAD_LETTER_SUFFIX: &str = "/$DeadLetterQueue";
 
 /// Service Bus queue names: up to 260 characters, letters, digits, `.`, `-`, `_`, `/`
 /// (not at the start or end).
 pub fn validate_entity_name(name: &str) -> Result<(), String> {
     // A queue's dead-letter sub-queue can be read like a queue.
-    let name = name.strip_suffix("/$DeadLetterQueue").unwrap_or(name);
+    let name = name.strip_suffix(DEAD_LETTER_SUFFIX).unwrap_or(name);
     if name.is_empty() {
         return Err("empty queue name".into());
     }
@@ -863,8 +960,8 @@ pub fn validate_entity_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_producer(args: &Args) -> Result<ProducerConfig, ConfigError> {
-    let queue = parse_queue_name(args)?;
+fn parse_producer(args: &Args, queue: Option<String>) -> Result<ProducerConfig, ConfigError> {
+    let queue = require_queue(queue)?;
     let message_count = parse_number("MESSAGE_COUNT", &args.message_count, DEFAULT_PRODUCER_COUNT)?;
     let base = args
         .message_body
@@ -905,8 +1002,12 @@ pub fn pad_body(body: &str, size: u64) -> Result<String, ConfigError> {
     Ok(padded)
 }
 
-fn parse_consumer(args: &Args, notes: &mut Vec<String>) -> Result<ConsumerConfig, ConfigError> {
-    let queue = parse_queue_name(args)?;
+fn parse_consumer(
+    args: &Args,
+    queue: Option<String>,
+    notes: &mut Vec<String>,
+) -> Result<ConsumerConfig, ConfigError> {
+    let queue = require_queue(queue)?;
     let message_count: u64 = parse_number("MESSAGE_COUNT", &args.message_count, 0)?;
     let processing_delay =
         parse_duration_setting("PROCESSING_DELAY", &args.processing_delay, Duration::ZERO)?;
@@ -953,7 +1054,11 @@ fn parse_consumer(args: &Args, notes: &mut Vec<String>) -> Result<ConsumerConfig
     })
 }
 
-fn parse_scaler(args: &Args, namespace: &Namespace) -> Result<ScalerConfig, ConfigError> {
+fn parse_scaler(
+    args: &Args,
+    queue: Option<String>,
+    namespace: &Namespace,
+) -> Result<ScalerConfig, ConfigError> {
     let grpc_addr = parse_socket_addr(
         "SCALER_GRPC_ADDR",
         non_empty(&args.scaler_grpc_addr).unwrap_or("0.0.0.0:6000"),
@@ -985,10 +1090,7 @@ fn parse_scaler(args: &Args, namespace: &Namespace) -> Result<ScalerConfig, Conf
             }
             queues
         }
-        None => match non_empty(&args.queue_name) {
-            Some(_) => vec![parse_queue_name(args)?],
-            None => Vec::new(),
-        },
+        None => queue.into_iter().collect(),
     };
     let tls = parse_scaler_tls(args)?;
     Ok(ScalerConfig {
@@ -1483,6 +1585,70 @@ mod tests {
         ]))
         .expect("valid");
         assert!(!format!("{config:?}").contains("SECRET_SIG"));
+    }
+
+    fn scoped_sas(entity_path: &str) -> String {
+        format!("{};EntityPath={entity_path}", sas())
+    }
+
+    fn queue_of(config: &Config) -> &str {
+        match &config.mode {
+            ModeConfig::Producer(p) => &p.queue,
+            ModeConfig::Consumer(c) => &c.queue,
+            ModeConfig::Scaler(_) => panic!("producer or consumer expected"),
+        }
+    }
+
+    #[test]
+    fn entity_path_is_the_default_queue() {
+        let cs = scoped_sas("orders");
+        for mode in ["producer", "consumer"] {
+            let config = Config::from_args(args(&[mode, &cs])).expect("valid");
+            assert_eq!(queue_of(&config), "orders", "{mode}");
+        }
+        let config = Config::from_args(args(&["scaler", &cs])).expect("valid");
+        let ModeConfig::Scaler(s) = config.mode else {
+            panic!("scaler expected")
+        };
+        assert_eq!(s.queues, vec!["orders".to_string()]);
+    }
+
+    #[test]
+    fn queue_name_must_agree_with_entity_path() {
+        let cs = scoped_sas("orders");
+        for same in ["orders", "Orders", "orders/$DeadLetterQueue"] {
+            let queue = format!("--queue-name={same}");
+            let config = Config::from_args(args(&["consumer", &cs, &queue])).expect(same);
+            assert_eq!(queue_of(&config), same);
+        }
+        for other in ["payments", "payments/$DeadLetterQueue", "orders2"] {
+            let queue = format!("--queue-name={other}");
+            let e = err(&["consumer", &cs, &queue]);
+            assert_eq!(e.setting, "AZURE_SERVICEBUS_QUEUE_NAME", "{other}");
+            assert!(e.problem.contains("EntityPath=\"orders\""), "{}", e.problem);
+            assert!(!e.problem.contains("SAS_KEY_VALUE"), "{}", e.problem);
+        }
+    }
+
+    #[test]
+    fn invalid_entity_path_names_the_connection_string() {
+        let e = err(&["producer", &scoped_sas("bad queue!")]);
+        assert_eq!(e.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
+        assert!(e.problem.contains("EntityPath"), "{}", e.problem);
+        let e = err(&["producer", sas()]);
+        assert_eq!(e.setting, "AZURE_SERVICEBUS_QUEUE_NAME");
+    }
+
+    #[test]
+    fn args_debug_output_hides_the_connection_string() {
+        let parsed = args(&["producer", sas(), "--queue-name=q"]);
+        let debug = format!("{parsed:?}");
+        assert!(!debug.contains("SAS_KEY_VALUE"), "{debug}");
+        assert!(
+            debug.contains("connection_string: Some(\"<redacted>\")"),
+            "{debug}"
+        );
+        assert!(debug.contains("queue_name: Some(\"q\")"), "{debug}");
     }
 
     #[test]

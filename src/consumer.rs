@@ -59,6 +59,32 @@ enum Disposition {
     Abandoned,
 }
 
+/// How to settle a message: the disposition, and for a dead-letter its reason and
+/// description.
+struct Settlement<'a> {
+    disposition: Disposition,
+    reason: &'a str,
+    description: &'a str,
+}
+
+impl<'a> Settlement<'a> {
+    fn plain(disposition: Disposition) -> Self {
+        Self {
+            disposition,
+            reason: "",
+            description: "",
+        }
+    }
+
+    fn dead_letter(reason: &'a str, description: &'a str) -> Self {
+        Self {
+            disposition: Disposition::DeadLettered,
+            reason,
+            description,
+        }
+    }
+}
+
 /// The credit to grant: at least one (to receive at all), at most PREFETCH, never more
 /// than the messages still wanted (`None` = unbounded, the continuous worker).
 pub fn desired_credit(prefetch: u32, still_wanted: Option<u64>) -> u32 {
@@ -332,15 +358,8 @@ impl Consumer<'_> {
             Ok(text) => text.to_string(),
             Err(reason) => {
                 tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), %reason, "undecodable message");
-                self.settle(
-                    receiver,
-                    &message,
-                    Disposition::DeadLettered,
-                    "UndecodableBody",
-                    &reason,
-                )
-                .await?;
-                return Ok(false);
+                let settlement = Settlement::dead_letter("UndecodableBody", &reason);
+                return self.settle(receiver, &message, settlement, shutdown).await;
             }
         };
         tracing::info!(
@@ -366,9 +385,8 @@ impl Consumer<'_> {
                 Ok(true)
             }
             Some(Ok(())) => {
-                self.settle(receiver, &message, Disposition::Completed, "", "")
-                    .await?;
-                Ok(false)
+                let settlement = Settlement::plain(Disposition::Completed);
+                self.settle(receiver, &message, settlement, shutdown).await
             }
             Some(Err(reason)) => {
                 let attempts = message.delivery_count;
@@ -377,21 +395,14 @@ impl Consumer<'_> {
                     tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), attempts, %reason,
                         "processing failed on the last attempt; dead-lettering");
                     let description = format!("{reason} (attempt {attempts} of {max})");
-                    self.settle(
-                        receiver,
-                        &message,
-                        Disposition::DeadLettered,
-                        "ProcessingFailed",
-                        &description,
-                    )
-                    .await?;
+                    let settlement = Settlement::dead_letter("ProcessingFailed", &description);
+                    self.settle(receiver, &message, settlement, shutdown).await
                 } else {
                     tracing::warn!(message_id = message.message_id.as_deref().unwrap_or(""), attempts, %reason,
                         "processing failed; abandoning for another attempt");
-                    self.settle(receiver, &message, Disposition::Abandoned, "", "")
-                        .await?;
+                    let settlement = Settlement::plain(Disposition::Abandoned);
+                    self.settle(receiver, &message, settlement, shutdown).await
                 }
-                Ok(false)
             }
         }
     }
@@ -439,14 +450,20 @@ impl Consumer<'_> {
         }
     }
 
+    /// Settle one message. Returns true when a stop was requested while reconnecting after
+    /// a failed settlement.
     async fn settle(
         &mut self,
         receiver: &mut QueueReceiver,
         message: &ReceivedMessage,
-        disposition: Disposition,
-        reason: &str,
-        description: &str,
-    ) -> Result<(), ServiceBusError> {
+        settlement: Settlement<'_>,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, ServiceBusError> {
+        let Settlement {
+            disposition,
+            reason,
+            description,
+        } = settlement;
         // Settling on an expired lock has no effect on the broker, and fe2o3 would not tell
         // us: say so instead of counting the message as done.
         if message
@@ -457,7 +474,7 @@ impl Consumer<'_> {
                 message_id = message.message_id.as_deref().unwrap_or(""),
                 "the lock expired before settlement; Service Bus delivers the message again"
             );
-            return Ok(());
+            return Ok(false);
         }
         let started = Instant::now();
         let settled = match disposition {
@@ -468,13 +485,14 @@ impl Consumer<'_> {
         if let Err(err) = settled {
             // The lock belongs to the lost link; the message returns after its lock expires.
             if err.is_transient() {
-                self.reconnect(receiver, &err).await?;
-                return Ok(());
+                return self
+                    .reconnect_unless_stopped(receiver, &err, shutdown)
+                    .await;
             }
             return Err(err);
         }
         self.record(disposition, started);
-        Ok(())
+        Ok(false)
     }
 
     /// Count a settlement in the summary and the metrics.

@@ -14,7 +14,7 @@ use crate::auth::Credentials;
 use crate::config::{CommonConfig, ProducerConfig};
 use crate::servicebus::diagnostics::trace_properties;
 use crate::servicebus::sender::{encode, BatchBuilder, OutgoingBatch, PendingSend};
-use crate::servicebus::{retry, OutgoingMessage, QueueSender, ServiceBusError};
+use crate::servicebus::{retry, retry_after, OutgoingMessage, QueueSender, ServiceBusError};
 use crate::telemetry::{Metrics, Readiness};
 
 /// The run's messages, made as they are needed: the configured body, a fresh unique id
@@ -205,35 +205,51 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// After a failed send: while the failure is transient and attempts are left, reconnect
-    /// with backoff and send the batch again.
+    /// After a failed send: while the failure is transient and attempts are left, send the
+    /// batch again on a new connection (one connection per attempt, under one backoff).
     async fn resend(
         &mut self,
         batch: &OutgoingBatch,
-        mut err: ServiceBusError,
+        failed: ServiceBusError,
     ) -> Result<(), ServiceBusError> {
-        let retry = &self.common.retry;
-        let mut attempt = 0;
-        loop {
-            if !err.is_transient() || attempt >= retry.max_attempts {
-                return Err(err);
-            }
-            attempt += 1;
-            let delay = crate::servicebus::backoff_delay(retry, attempt);
-            tracing::warn!(error = %err, attempt, delay_ms = delay.as_millis() as u64,
-                "send failed transiently; reconnecting");
-            tokio::time::sleep(delay).await;
-            self.metrics.reconnect();
-            let fresh = open(self.config, self.common, self.credentials, self.metrics).await?;
-            std::mem::replace(&mut self.sender, fresh).close().await;
-            match self.sender.send_batch(batch).await {
-                Ok(()) => return Ok(()),
-                Err(next) => err = next,
-            }
+        let (config, common, credentials, metrics) =
+            (self.config, self.common, self.credentials, self.metrics);
+        let fresh = retry_after("send", &common.retry, failed, |_| async move {
+            metrics.reconnect();
+            send_on_new_connection(config, common, credentials, batch).await
+        })
+        .await?;
+        std::mem::replace(&mut self.sender, fresh).close().await;
+        Ok(())
+    }
+}
+
+/// Connect once (no retries of its own: the caller's retry covers connect and send
+/// together) and send `batch`; the sender is returned once the broker accepted it.
+async fn send_on_new_connection(
+    config: &ProducerConfig,
+    common: &CommonConfig,
+    credentials: &Arc<Credentials>,
+    batch: &OutgoingBatch,
+) -> Result<QueueSender, ServiceBusError> {
+    let mut sender = QueueSender::open(
+        &common.namespace,
+        credentials.clone(),
+        &config.queue,
+        common.operation_timeout,
+    )
+    .await?;
+    // Through the sender, which notices a closed connection at once.
+    match sender.send_batch(batch).await {
+        Ok(()) => Ok(sender),
+        Err(err) => {
+            sender.close().await;
+            Err(err)
         }
     }
 }
 
+/// Connect for the run's first batch, retrying while the failure is transient.
 async fn open(
     config: &ProducerConfig,
     common: &CommonConfig,

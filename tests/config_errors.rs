@@ -532,3 +532,49 @@ async fn bad_scaler_metadata_is_invalid_argument_naming_the_field() {
     let status = scaler.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+/// A connection string scoped to one queue (`EntityPath`) names the queue when
+/// AZURE_SERVICEBUS_QUEUE_NAME is not set; when both are set they must name the same queue.
+#[test]
+fn queue_name_must_agree_with_the_connection_strings_entity_path() {
+    let scoped = format!("{SAS};EntityPath=orders");
+    for other in ["payments", "payments/$DeadLetterQueue"] {
+        refused(
+            &[
+                ("AZURE_SERVICEBUS_CONNECTION_STRING", Some(scoped.as_str())),
+                ("AZURE_SERVICEBUS_QUEUE_NAME", Some(other)),
+            ],
+            "AZURE_SERVICEBUS_QUEUE_NAME",
+        );
+    }
+    let bad_entity = format!("{SAS};EntityPath=bad queue!");
+    refused(
+        &[
+            (
+                "AZURE_SERVICEBUS_CONNECTION_STRING",
+                Some(bad_entity.as_str()),
+            ),
+            ("AZURE_SERVICEBUS_QUEUE_NAME", None),
+        ],
+        "AZURE_SERVICEBUS_CONNECTION_STRING",
+    );
+}
+
+#[test]
+fn entity_path_is_the_queue_when_no_queue_name_is_set() {
+    let broker = Broker::start();
+    let queue = broker.queue();
+    let mut env = broker.emulator_env.clone();
+    env.remove("AZURE_SERVICEBUS_QUEUE_NAME");
+    let scoped = format!(
+        "{};EntityPath={queue}",
+        env["AZURE_SERVICEBUS_CONNECTION_STRING"]
+    );
+    env.insert("AZURE_SERVICEBUS_CONNECTION_STRING".into(), scoped);
+    let output = run_demo(
+        &env,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "3")],
+    );
+    assert_success(&output);
+    assert_eq!(broker.counts(&queue), (3, 0), "{}", describe(&output));
+}

@@ -304,3 +304,65 @@ fn sigterm_while_reconnecting_stops_cleanly() {
     let status = consumer.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{captured}");
 }
+
+/// SIGTERM while the consumer reconnects after a settlement failed (the connection dropped
+/// while the message was being processed, and the broker refuses new ones): it stops with
+/// exit code 0 instead of finishing its retries first.
+#[test]
+fn sigterm_while_reconnecting_after_a_failed_settlement_stops_cleanly() {
+    let broker = Broker::start();
+    let queue = broker.queue();
+    produce(&broker, &queue, "1");
+    let mut consumer = demo_command(
+        &broker.emulator_env,
+        &[
+            ("OPERATION_MODE", "consumer"),
+            ("MESSAGE_COUNT", "0"),
+            ("PROCESSING_DELAY", "2s"),
+            ("RETRY_MAX_ATTEMPTS", "50"),
+            ("RETRY_BASE_DELAY", "1s"),
+            ("RETRY_MAX_DELAY", "10s"),
+        ],
+    )
+    .spawn()
+    .expect("spawn consumer");
+    let logs = LogStream::attach(&mut consumer);
+    let mut captured = String::new();
+    let mut wait_for = |needle: &str, consumer: &mut std::process::Child| loop {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = consumer.kill();
+            panic!("no {needle:?} in:\n{captured}");
+        };
+        captured.push_str(&line);
+        captured.push('\n');
+        if line.contains(needle) {
+            break line;
+        }
+    };
+    // Logged before processing starts: the drop lands while the message is being processed.
+    wait_for("Received message: ", &mut consumer);
+    broker.fault("/$admin/refuse-connections?seconds=300");
+    broker.fault("/$admin/drop-connections");
+    let lost = wait_for("connection lost; reconnecting", &mut consumer);
+    assert!(
+        lost.contains("complete on"),
+        "the settlement failed, not the receive: {lost}"
+    );
+    wait_for("failed transiently; retrying", &mut consumer);
+    terminate(&consumer);
+    // The retries left would take minutes; a consumer that ignores the signal is still
+    // running when this guard ends.
+    let mut status = None;
+    for _ in 0..600 {
+        status = consumer.try_wait().expect("try_wait");
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = consumer.kill();
+        panic!("the consumer kept reconnecting after SIGTERM:\n{captured}");
+    };
+    assert_eq!(status.code(), Some(0), "{captured}");
+}

@@ -778,3 +778,83 @@ fn sigterm_mid_produce_loses_nothing_reported_as_sent() {
         queued - reported
     );
 }
+
+/// A connection string with a fixed SharedAccessSignature that expires a few seconds into
+/// the run: the refresher re-presents it while it is valid, then stops with one error once
+/// it has expired (no new signature can come from a fixed one) instead of retrying forever.
+#[test]
+fn an_expired_fixed_signature_ends_refreshing_with_one_error() {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+    let broker = Broker::start();
+    let connection_string = &broker.emulator_env["AZURE_SERVICEBUS_CONNECTION_STRING"];
+    let field = |name: &str| {
+        connection_string
+            .split(';')
+            .find_map(|part| part.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {connection_string}"))
+            .to_string()
+    };
+    let (endpoint, key_name, key) = (
+        field("Endpoint="),
+        field("SharedAccessKeyName="),
+        field("SharedAccessKey="),
+    );
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 6;
+    let resource = utf8_percent_encode(&format!("{endpoint}/"), NON_ALPHANUMERIC).to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("hmac key");
+    mac.update(format!("{resource}\n{expiry}").as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let sas = format!(
+        "SharedAccessSignature sr={resource}&sig={}&se={expiry}&skn={key_name}",
+        utf8_percent_encode(&signature, NON_ALPHANUMERIC)
+    );
+    let env = with(
+        &broker.emulator_env,
+        &[(
+            "AZURE_SERVICEBUS_CONNECTION_STRING".to_string(),
+            format!("Endpoint={endpoint};SharedAccessSignature={sas};UseDevelopmentEmulator=true"),
+        )],
+    );
+    let mut consumer = demo_command(
+        &env,
+        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
+    )
+    .spawn()
+    .expect("spawn consumer");
+    let logs = LogStream::attach(&mut consumer);
+    let mut captured = Captured::new();
+    read_until(&mut consumer, &logs, &mut captured, |line| {
+        line.contains("token refresh failed")
+    });
+    // Longer than the refresher's retry delay: a retrying refresher would log again here.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(8) {
+        if let Some(line) = logs.next_line(Duration::from_millis(200)) {
+            captured.push(line);
+        }
+    }
+    terminate(&consumer);
+    finish(consumer, logs, &mut captured);
+    let failures = captured.messages_starting_with("token refresh failed");
+    assert_eq!(failures.len(), 1, "{}", captured.text());
+    let failure = &failures[0];
+    assert_eq!(
+        failure["level"].as_str(),
+        Some("ERROR"),
+        "{}",
+        captured.text()
+    );
+    assert!(
+        log_field(failure, "error")
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.contains("expired")),
+        "{failure}"
+    );
+}

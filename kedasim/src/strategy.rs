@@ -66,7 +66,6 @@ pub fn decide(reading: Option<TriggerReading>, bounds: ReplicaBounds, running: i
     if bounds.min_replica_count > 0 {
         is_active = true;
     }
-    let max_value = max_value.min(bounds.max_replica_count as f64);
     let mut scale_to = ceil_i64(queue_length);
     let max_scale = ceil_i64(max_value);
 

@@ -110,8 +110,9 @@ impl IntoResponse for EntraError {
 }
 
 /// The token request form (unknown fields ignored, everything optional so that a missing
-/// parameter gets Entra's error rather than a framework one).
-#[derive(Debug, Default, Deserialize)]
+/// parameter gets Entra's error rather than a framework one). `Debug` hides the assertion:
+/// it is a bearer credential.
+#[derive(Default, Deserialize)]
 pub struct TokenForm {
     pub grant_type: Option<String>,
     pub client_id: Option<String>,
@@ -120,12 +121,39 @@ pub struct TokenForm {
     pub client_assertion: Option<String>,
 }
 
-/// A successful exchange.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::fmt::Debug for TokenForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenForm")
+            .field("grant_type", &self.grant_type)
+            .field("client_id", &self.client_id)
+            .field("scope", &self.scope)
+            .field("client_assertion_type", &self.client_assertion_type)
+            .field(
+                "client_assertion",
+                &self.client_assertion.as_ref().map(|_| REDACTED),
+            )
+            .finish()
+    }
+}
+
+/// A successful exchange. `Debug` hides the access token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct IssuedToken {
     pub access_token: String,
     pub expires_in: u64,
 }
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("access_token", &REDACTED)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// What `Debug` shows in place of a credential.
+const REDACTED: &str = "<redacted>";
 
 impl Entra {
     pub fn new(settings: EntraSettings) -> Self {
@@ -508,6 +536,27 @@ mod tests {
             client_assertion_type: Some(JWT_BEARER.into()),
             client_assertion: Some(assertion),
         }
+    }
+
+    #[test]
+    fn debug_output_hides_assertions_and_tokens() {
+        let f = fixture();
+        let tenant = f.entra.tenant_id.clone();
+        let request = form(
+            &f,
+            "servicebusdemo",
+            "system:serviceaccount:default:servicebusdemo",
+            600,
+        );
+        let assertion = request.client_assertion.clone().expect("assertion");
+        let debug = format!("{request:?}");
+        assert!(!debug.contains(&assertion), "{debug}");
+        assert!(debug.contains("client_credentials"), "{debug}");
+
+        let issued = f.entra.exchange(&tenant, &request).expect("issued");
+        let debug = format!("{issued:?}");
+        assert!(!debug.contains(&issued.access_token), "{debug}");
+        assert!(debug.contains("expires_in: 3600"), "{debug}");
     }
 
     #[test]

@@ -43,7 +43,8 @@ const FEDERATED_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const FEDERATED_TOKEN_REFRESH: Duration = Duration::from_secs(2880);
 
 /// Validated settings for [`serve`]; files named on the command line are already parsed.
-#[derive(Debug, Clone)]
+/// `Debug` hides the SAS key.
+#[derive(Clone)]
 pub struct ServeOptions {
     pub dir: PathBuf,
     pub broker_config: BrokerConfig,
@@ -57,6 +58,23 @@ pub struct ServeOptions {
     pub token_lifetime: Duration,
     /// A fixed RootManageSharedAccessKey; `None` = a random key per start.
     pub sas_key: Option<String>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("dir", &self.dir)
+            .field("broker_config", &self.broker_config)
+            .field("amqp", &self.amqp)
+            .field("amqps", &self.amqps)
+            .field("http", &self.http)
+            .field("https", &self.https)
+            .field("identities", &self.identities)
+            .field("identity", &self.identity)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("sas_key", &self.sas_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl ServeOptions {
@@ -507,6 +525,27 @@ mod tests {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("{key} missing"))
+    }
+
+    #[test]
+    fn serve_options_debug_output_hides_the_sas_key() {
+        let any_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let options = ServeOptions {
+            dir: PathBuf::from("/d"),
+            broker_config: BrokerConfig::default(),
+            amqp: any_addr,
+            amqps: any_addr,
+            http: any_addr,
+            https: any_addr,
+            identities: Identities::defaults(),
+            identity: "servicebusdemo".into(),
+            token_lifetime: Duration::from_secs(3600),
+            sas_key: Some("c2FzLWtleS12YWx1ZQ==".into()),
+        };
+        let debug = format!("{options:?}");
+        assert!(!debug.contains("c2FzLWtleS12YWx1ZQ=="), "{debug}");
+        assert!(debug.contains("sas_key: Some(\"<redacted>\")"), "{debug}");
+        assert!(debug.contains("servicebusdemo"), "{debug}");
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! value. Failures are remembered for the same interval, so an outage costs no more
 //! requests than health. A transient failure serves the last good value while it is
 //! younger than the staleness bound, and says so in the metrics.
+//!
+//! Queue names come from KEDA metadata, so the set of entries must not only grow: a queue
+//! that does not exist keeps no entry, and an entry nobody asked about for a while is
+//! dropped (it could only serve a value too old to be stale-served anyway).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,11 +72,30 @@ struct Entry {
     last_error: Option<Arc<AdminError>>,
 }
 
+/// An entry is dropped after this many TTLs without a caller (and never before the
+/// staleness bound has passed, so a last good value is only lost once it is useless).
+const IDLE_EVICTION_TTLS: u32 = 12;
+
+type SharedEntry = Arc<tokio::sync::Mutex<Entry>>;
+
+/// A map slot: the entry and when a caller last asked for it.
+struct Slot {
+    entry: SharedEntry,
+    last_used: Instant,
+}
+
+impl Slot {
+    /// No caller holds the entry (only the map does), so dropping it loses no answer.
+    fn unused(&self) -> bool {
+        Arc::strong_count(&self.entry) == 1
+    }
+}
+
 pub struct CountCache {
     source: Arc<dyn QueueCountSource>,
     settings: CacheSettings,
     metrics: Arc<Metrics>,
-    entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Entry>>>>,
+    entries: Mutex<HashMap<String, Slot>>,
 }
 
 impl std::fmt::Debug for CountCache {
@@ -100,9 +123,9 @@ impl CountCache {
     /// The queue's counts: cached within the TTL, otherwise refreshed once for all
     /// concurrent callers.
     pub async fn get(&self, queue: &str) -> Result<CountReading, CountError> {
-        let entry = self.entry(queue)?;
+        let shared = self.entry(queue)?;
         // Single flight: callers queue up here while one of them refreshes.
-        let mut entry = entry.lock().await;
+        let mut entry = shared.lock().await;
         let now = Instant::now();
         let fresh_enough = entry
             .last_attempt
@@ -125,6 +148,11 @@ impl CountCache {
             }
             Err(err) => {
                 tracing::warn!(queue, error = %err, transient = err.is_transient(), "refreshing the queue count failed");
+                if matches!(err, AdminError::QueueNotFound { .. }) {
+                    // A typo in the metadata must not hold a slot. Callers already waiting
+                    // on this entry still share this answer.
+                    self.forget(queue, &shared);
+                }
                 entry.last_error = Some(Arc::new(err));
             }
         }
@@ -169,24 +197,86 @@ impl CountCache {
         }
     }
 
-    fn entry(&self, queue: &str) -> Result<Arc<tokio::sync::Mutex<Entry>>, CountError> {
-        // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = entries.get(queue) {
-            return Ok(entry.clone());
+    fn entry(&self, queue: &str) -> Result<SharedEntry, CountError> {
+        let now = Instant::now();
+        let mut entries = self.lock_entries();
+        if let Some(slot) = entries.get_mut(queue) {
+            slot.last_used = now;
+            return Ok(slot.entry.clone());
         }
+        self.evict_idle(&mut entries, now);
         if entries.len() >= self.settings.max_queues {
             return Err(CountError::TooManyQueues {
                 queue: queue.to_owned(),
                 limit: self.settings.max_queues,
             });
         }
-        let entry = Arc::new(tokio::sync::Mutex::new(Entry::default()));
-        entries.insert(queue.to_owned(), entry.clone());
+        let entry = SharedEntry::default();
+        entries.insert(
+            queue.to_owned(),
+            Slot {
+                entry: entry.clone(),
+                last_used: now,
+            },
+        );
         Ok(entry)
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drop `queue`'s entry if it is still `entry` (a newer one may have replaced it).
+    fn forget(&self, queue: &str, entry: &SharedEntry) {
+        let mut entries = self.lock_entries();
+        if entries
+            .get(queue)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.entry, entry))
+        {
+            entries.remove(queue);
+        }
+    }
+
+    /// Before adding an entry: drop those nobody asked about for [`Self::idle_limit`]; if
+    /// the map is still full, the least recently used entry idle for at least a TTL (its
+    /// value has expired, so its next caller would have refreshed it anyway).
+    fn evict_idle(&self, entries: &mut HashMap<String, Slot>, now: Instant) {
+        let idle_limit = self.idle_limit();
+        let long_idle: Vec<String> = entries
+            .iter()
+            .filter(|(_, slot)| slot.unused() && now.duration_since(slot.last_used) >= idle_limit)
+            .map(|(queue, _)| queue.clone())
+            .collect();
+        for queue in &long_idle {
+            self.evict(entries, queue);
+        }
+        if entries.len() < self.settings.max_queues {
+            return;
+        }
+        let least_recent = entries
+            .iter()
+            .filter(|(_, slot)| {
+                slot.unused() && now.duration_since(slot.last_used) >= self.settings.ttl
+            })
+            .min_by_key(|(_, slot)| slot.last_used)
+            .map(|(queue, _)| queue.clone());
+        if let Some(queue) = least_recent {
+            self.evict(entries, &queue);
+        }
+    }
+
+    fn evict(&self, entries: &mut HashMap<String, Slot>, queue: &str) {
+        entries.remove(queue);
+        // The gauges would otherwise show the last count forever.
+        self.metrics.clear_queue_counts(queue);
+        tracing::debug!(queue, "dropped idle queue count");
+    }
+
+    fn idle_limit(&self) -> Duration {
+        (self.settings.ttl * IDLE_EVICTION_TTLS).max(self.settings.max_staleness)
     }
 
     /// Refresh `queues` every TTL so the gauges on `/metrics` stay current with no gRPC
@@ -267,11 +357,18 @@ mod tests {
     const TTL: Duration = Duration::from_secs(5);
 
     fn cache_with(source: Arc<FakeSource>) -> (Arc<CountCache>, Arc<Metrics>) {
+        cache_with_limit(source, 3)
+    }
+
+    fn cache_with_limit(
+        source: Arc<FakeSource>,
+        max_queues: usize,
+    ) -> (Arc<CountCache>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new("scaler"));
         let settings = CacheSettings {
             ttl: TTL,
             max_staleness: Duration::from_secs(60),
-            max_queues: 3,
+            max_queues,
         };
         (
             Arc::new(CountCache::new(source, settings, metrics.clone())),
@@ -390,18 +487,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn missing_queue_is_an_error_not_a_stale_or_zero_value() {
-        let source = Arc::new(FakeSource::default());
+        let source = Arc::new(FakeSource {
+            delay: Duration::from_millis(200),
+            ..FakeSource::default()
+        });
         source.active.store(5, Ordering::SeqCst);
         let (cache, _) = cache_with(source.clone());
         cache.get("orders").await.expect("first");
         source.fail(Some(404));
         tokio::time::advance(TTL).await;
-        let err = cache.get("orders").await.expect_err("deleted queue");
-        assert!(
-            matches!(err, CountError::Admin(ref e) if matches!(**e, AdminError::QueueNotFound { .. }))
-        );
 
-        // Concurrent callers share the failed attempt as well.
+        // Concurrent callers share the failed attempt.
         let callers: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
@@ -409,9 +505,77 @@ mod tests {
             })
             .collect();
         for caller in callers {
-            assert!(caller.await.expect("join").is_err());
+            let err = caller.await.expect("join").expect_err("deleted queue");
+            assert!(
+                matches!(err, CountError::Admin(ref e) if matches!(**e, AdminError::QueueNotFound { .. }))
+            );
         }
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_queues_do_not_take_slots() {
+        let source = Arc::new(FakeSource::default());
+        let (cache, _) = cache_with(source.clone());
+        source.fail(Some(404));
+        for typo in ["ordres", "order", "oders", "orders-"] {
+            cache.get(typo).await.expect_err("no such queue");
+        }
+        // Nothing is remembered about a queue that does not exist: asking again asks again.
+        cache.get("ordres").await.expect_err("still no such queue");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 5);
+
+        source.fail(None);
+        for queue in ["a", "b", "c"] {
+            cache.get(queue).await.expect("real queues still fit");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_full_the_least_recently_used_expired_entry_makes_room() {
+        let source = Arc::new(FakeSource::default());
+        source.active.store(4, Ordering::SeqCst);
+        let (cache, metrics) = cache_with(source.clone());
+        for queue in ["a", "b", "c"] {
+            cache.get(queue).await.expect("within limit");
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // Every entry was used within the TTL: nothing may be dropped yet.
+        let err = cache.get("d").await.expect_err("full");
+        assert!(matches!(err, CountError::TooManyQueues { limit: 3, .. }));
+
+        tokio::time::advance(TTL).await;
+        cache.get("d").await.expect("room made");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 4);
+        let body = scrape(&metrics);
+        assert!(
+            !body.contains("servicebusdemo_queue_active_messages{queue=\"a\"}"),
+            "{body}"
+        );
+        assert!(body.contains("servicebusdemo_queue_active_messages{queue=\"b\"} 4"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_idle_entries_are_dropped() {
+        let source = Arc::new(FakeSource::default());
+        source.active.store(8, Ordering::SeqCst);
+        // Plenty of room: only idleness drops an entry here.
+        let (cache, metrics) = cache_with_limit(source.clone(), 16);
+        cache.get("a").await.expect("a");
+        cache.get("b").await.expect("b");
+        tokio::time::advance(TTL * IDLE_EVICTION_TTLS - Duration::from_secs(1)).await;
+        cache.get("b").await.expect("b again");
+        cache.get("c").await.expect("c");
+        assert!(scrape(&metrics).contains("servicebusdemo_queue_active_messages{queue=\"a\"} 8"));
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cache.get("d").await.expect("d");
+        let body = scrape(&metrics);
+        assert!(
+            !body.contains("servicebusdemo_queue_active_messages{queue=\"a\"}"),
+            "a was idle for {IDLE_EVICTION_TTLS} TTLs: {body}"
+        );
+        assert!(body.contains("servicebusdemo_queue_active_messages{queue=\"b\"} 8"));
     }
 
     #[tokio::test(start_paused = true)]

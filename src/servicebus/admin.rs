@@ -369,19 +369,18 @@ pub fn parse_queue_counts(queue: &str, body: &str) -> Result<QueueCounts, AdminE
         .find(|node| node.is_element() && node.tag_name().name() == "CountDetails")
         .ok_or_else(|| invalid("QueueDescription has no CountDetails".to_owned()))?;
 
-    let field = |parent: roxmltree::Node<'_, '_>, name: &str| -> Result<u64, AdminError> {
-        let text = parent
-            .children()
-            .find(|node| node.is_element() && node.tag_name().name() == name)
-            .and_then(|node| node.text())
-            .ok_or_else(|| invalid(format!("{name} is missing")))?;
+    let count = |name: &str, text: &str| -> Result<u64, AdminError> {
         text.trim()
             .parse::<u64>()
             .map_err(|_| invalid(format!("{name} is not a count: {text:?}")))
     };
-    let optional = |parent, name| match field(parent, name) {
-        Err(AdminError::InvalidResponse { reason, .. }) if reason.ends_with("is missing") => Ok(0),
-        other => other,
+    let field = |parent: roxmltree::Node<'_, '_>, name: &str| -> Result<u64, AdminError> {
+        let text = child_text(parent, name).ok_or_else(|| invalid(format!("{name} is missing")))?;
+        count(name, text)
+    };
+    // Older API versions and some tiers leave these out; absent means none.
+    let optional = |parent: roxmltree::Node<'_, '_>, name: &str| -> Result<u64, AdminError> {
+        child_text(parent, name).map_or(Ok(0), |text| count(name, text))
     };
 
     Ok(QueueCounts {
@@ -392,6 +391,15 @@ pub fn parse_queue_counts(queue: &str, body: &str) -> Result<QueueCounts, AdminE
         transfer_dead_letter_messages: optional(count_details, "TransferDeadLetterMessageCount")?,
         total_messages: optional(description, "MessageCount")?,
     })
+}
+
+/// The text of `parent`'s first child element called `name`; `None` when there is no such
+/// element or it is empty (`<X/>`, `<X i:nil="true"/>`).
+fn child_text<'a>(parent: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    parent
+        .children()
+        .find(|node| node.is_element() && node.tag_name().name() == name)
+        .and_then(|node| node.text())
 }
 
 #[cfg(test)]
@@ -451,6 +459,27 @@ mod tests {
 
         assert!(parse_queue_counts("orders", "<html>proxy error</html>").is_err());
         assert!(parse_queue_counts("orders", "not xml at all").is_err());
+    }
+
+    #[test]
+    fn optional_counts_default_to_zero_only_when_absent() {
+        let without_scheduled = QUEUE_ENTRY
+            .replace(
+                "<d2p1:ScheduledMessageCount>3</d2p1:ScheduledMessageCount>",
+                "",
+            )
+            .replace("<MessageCount>107</MessageCount>", "");
+        let counts = parse_queue_counts("orders", &without_scheduled).expect("counts");
+        assert_eq!(counts.scheduled_messages, 0);
+        assert_eq!(counts.total_messages, 0);
+        assert_eq!(counts.active_messages, 100);
+
+        let garbled = QUEUE_ENTRY.replace(
+            ">3</d2p1:ScheduledMessageCount>",
+            ">three</d2p1:ScheduledMessageCount>",
+        );
+        let err = parse_queue_counts("orders", &garbled).expect_err("garbled optional count");
+        assert!(err.to_string().contains("ScheduledMessageCount"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! Claims-based security: `put-token` on `$cbs` for each entity, refreshed before expiry so
 //! long-running consumers keep their links (the broker stops deliveries once a token lapses).
+//!
+//! fe2o3's management client does not match answers to requests: after a put-token that
+//! failed or timed out, a late answer could be read as the next put-token's. So a `$cbs` link
+//! is used only while every exchange on it succeeded; after a failure it is closed and a new
+//! one attached before the next put-token. The link lives on a session of its own, so the
+//! background refresher can re-attach it without the session the entity links use.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::primitives::Timestamp;
+use fe2o3_amqp::Session;
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use fe2o3_amqp_management::error::Error as MgmtError;
@@ -21,25 +29,95 @@ const CBS_NODE: &str = "$cbs";
 /// Delay before retrying a failed refresh.
 const REFRESH_RETRY: Duration = Duration::from_secs(5);
 
+/// The `$cbs` session and, while it can be trusted, its request/response link.
+struct CbsLink {
+    session: SessionHandle<()>,
+    /// `None` after a failed exchange: attach a fresh link before the next one.
+    client: Option<CbsClient>,
+    timeout: Duration,
+}
+
+impl CbsLink {
+    /// Put one token, re-attaching the link first if the previous exchange failed.
+    async fn put_token(
+        &mut self,
+        audience: &str,
+        token: &AccessToken,
+    ) -> Result<(), ServiceBusError> {
+        let mut client = match self.client.take() {
+            Some(client) => client,
+            None => attach_client(&mut self.session, self.timeout).await?,
+        };
+        // The link is out of `self` while the answer is awaited: if this future is dropped
+        // (a caller's timeout), the link goes with it and is never reused.
+        let put = with_timeout("put-token", self.timeout, async {
+            client
+                .put_token(audience, cbs_token(token))
+                .await
+                .map_err(|err| mgmt_error("put-token", err))
+        })
+        .await;
+        match put {
+            Ok(()) => {
+                self.client = Some(client);
+                Ok(())
+            }
+            Err(err) => {
+                // Detach before a new link is attached, so a late answer cannot reach it.
+                if tokio::time::timeout(self.timeout, client.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("closing the $cbs link timed out");
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+async fn attach_client(
+    session: &mut SessionHandle<()>,
+    timeout: Duration,
+) -> Result<CbsClient, ServiceBusError> {
+    with_timeout("attach $cbs", timeout, async {
+        CbsClient::builder()
+            .management_node_address(CBS_NODE)
+            .client_node_addr(CBS_NODE)
+            .attach(session)
+            .await
+            .map_err(|err| ServiceBusError::Disconnected(format!("attach $cbs: {err}")))
+    })
+    .await
+}
+
 pub struct Cbs {
-    client: Arc<Mutex<CbsClient>>,
+    link: Arc<Mutex<CbsLink>>,
     credentials: Arc<Credentials>,
     refreshers: Vec<JoinHandle<()>>,
 }
 
 impl Cbs {
+    /// Begin the `$cbs` session on `connection` and attach its link; each step bounded by
+    /// `timeout`, which also bounds every later put-token.
     pub async fn attach(
-        session: &mut SessionHandle<()>,
+        connection: &mut ConnectionHandle<()>,
         credentials: Arc<Credentials>,
+        timeout: Duration,
     ) -> Result<Self, ServiceBusError> {
-        let client = CbsClient::builder()
-            .management_node_address(CBS_NODE)
-            .client_node_addr(CBS_NODE)
-            .attach(session)
-            .await
-            .map_err(|err| ServiceBusError::Disconnected(format!("attach $cbs: {err}")))?;
+        let mut session = with_timeout("begin $cbs session", timeout, async {
+            Session::begin(connection)
+                .await
+                .map_err(|err| ServiceBusError::Disconnected(format!("begin $cbs session: {err}")))
+        })
+        .await?;
+        let client = attach_client(&mut session, timeout).await?;
         Ok(Self {
-            client: Arc::new(Mutex::new(client)),
+            link: Arc::new(Mutex::new(CbsLink {
+                session,
+                client: Some(client),
+                timeout,
+            })),
             credentials,
             refreshers: Vec::new(),
         })
@@ -58,19 +136,14 @@ impl Cbs {
                 .map_err(ServiceBusError::from)
         })
         .await?;
-        with_timeout(
-            "put-token",
-            timeout,
-            put_token(&self.client, audience, &token),
-        )
-        .await?;
+        self.link.lock().await.put_token(audience, &token).await?;
         tracing::debug!(
             audience,
             expires_in_s = token.remaining().as_secs(),
             "token accepted"
         );
         let refresher = tokio::spawn(refresh_loop(
-            self.client.clone(),
+            self.link.clone(),
             self.credentials.clone(),
             audience.to_string(),
             token.remaining(),
@@ -94,26 +167,17 @@ impl Drop for Cbs {
     }
 }
 
-async fn put_token(
-    client: &Mutex<CbsClient>,
-    audience: &str,
-    token: &AccessToken,
-) -> Result<(), ServiceBusError> {
+fn cbs_token(token: &AccessToken) -> CbsToken<'_> {
     let expires_ms = token
         .expires_at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default();
-    let cbs_token = CbsToken::new(
+    CbsToken::new(
         token.secret(),
         token.cbs_token_type(),
         Some(Timestamp::from_milliseconds(expires_ms)),
-    );
-    let mut client = client.lock().await;
-    client
-        .put_token(audience, cbs_token)
-        .await
-        .map_err(|err| mgmt_error("put-token", err))
+    )
 }
 
 /// Map an error of a request/response exchange on a management node.
@@ -130,8 +194,25 @@ pub fn mgmt_error(context: &str, err: MgmtError) -> ServiceBusError {
     }
 }
 
+/// What the refresher does after a failed refresh.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// Try again shortly: the current token is still valid for a while.
+    RetryIn(Duration),
+    /// Retrying cannot help (refused, expired fixed signature): stop refreshing.
+    GiveUp,
+}
+
+fn after_failure(err: &ServiceBusError) -> AfterFailure {
+    if err.is_transient() {
+        AfterFailure::RetryIn(REFRESH_RETRY)
+    } else {
+        AfterFailure::GiveUp
+    }
+}
+
 async fn refresh_loop(
-    client: Arc<Mutex<CbsClient>>,
+    link: Arc<Mutex<CbsLink>>,
     credentials: Arc<Credentials>,
     audience: String,
     mut valid_for: Duration,
@@ -139,23 +220,76 @@ async fn refresh_loop(
 ) {
     loop {
         tokio::time::sleep(refresh_after(valid_for)).await;
-        let refreshed = with_timeout("refresh token", timeout, async {
-            let token = credentials.token(&audience).await?;
-            put_token(&client, &audience, &token).await?;
-            Ok::<_, ServiceBusError>(token)
-        })
-        .await;
+        let refreshed = refresh(&link, &credentials, &audience, timeout).await;
         match refreshed {
             Ok(token) => {
                 valid_for = token.remaining();
                 tracing::debug!(%audience, expires_in_s = valid_for.as_secs(), "token refreshed");
             }
-            Err(err) => {
-                // The current token is still valid for a while; try again soon. If it lapses
-                // the broker detaches our links and the caller's reconnect path takes over.
-                tracing::warn!(%audience, error = %err, "token refresh failed; retrying");
-                valid_for = REFRESH_RETRY * 4 / 3;
-            }
+            Err(err) => match after_failure(&err) {
+                AfterFailure::RetryIn(delay) => {
+                    // If the token lapses meanwhile, the broker detaches our links and the
+                    // owner's reconnect path takes over.
+                    tracing::warn!(%audience, error = %err, "token refresh failed; retrying");
+                    valid_for = delay * 4 / 3;
+                }
+                AfterFailure::GiveUp => {
+                    // Once the token lapses the broker detaches the links; the owner's
+                    // reconnect then fails on the same error and stops with it.
+                    tracing::error!(%audience, error = %err,
+                        "token refresh failed permanently; the entity stays authorised only until the current token expires");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn refresh(
+    link: &Mutex<CbsLink>,
+    credentials: &Credentials,
+    audience: &str,
+    timeout: Duration,
+) -> Result<AccessToken, ServiceBusError> {
+    let token = with_timeout("get token", timeout, async {
+        credentials
+            .token(audience)
+            .await
+            .map_err(ServiceBusError::from)
+    })
+    .await?;
+    link.lock().await.put_token(audience, &token).await?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_retries_temporary_failures_and_gives_up_on_the_others() {
+        let retried = [
+            ServiceBusError::Timeout {
+                operation: "put-token",
+                timeout: Duration::from_secs(1),
+            },
+            ServiceBusError::Disconnected("link gone".into()),
+            ServiceBusError::from_status("put-token", 503, None),
+        ];
+        for err in retried {
+            assert_eq!(
+                after_failure(&err),
+                AfterFailure::RetryIn(REFRESH_RETRY),
+                "{err}"
+            );
+        }
+        let final_errors = [
+            ServiceBusError::from_status("put-token", 401, Some("signature expired")),
+            ServiceBusError::from_status("put-token", 404, None),
+            ServiceBusError::Protocol("put-token: status 400".into()),
+        ];
+        for err in final_errors {
+            assert_eq!(after_failure(&err), AfterFailure::GiveUp, "{err}");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! One AMQP connection with one session and its `$cbs` client.
+//! One AMQP connection with the session for entity links and its `$cbs` client.
 //!
 //! TLS is opened here with tokio-rustls and roots from the platform store
 //! (`rustls-native-certs`, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`), then handed to
@@ -44,25 +44,21 @@ impl std::fmt::Debug for AmqpConnection {
 }
 
 impl AmqpConnection {
-    /// Connect, begin a session, attach `$cbs`. Every step is bounded by `timeout`.
+    /// Connect, begin a session, attach `$cbs` (on a session of its own). Every step is
+    /// bounded by `timeout`.
     pub async fn open(
         namespace: &Namespace,
         credentials: Arc<Credentials>,
         timeout: Duration,
     ) -> Result<Self, ServiceBusError> {
         let mut connection = with_timeout("connect", timeout, connect(namespace)).await?;
-        let mut session = with_timeout("begin session", timeout, async {
+        let session = with_timeout("begin session", timeout, async {
             Session::begin(&mut connection)
                 .await
                 .map_err(|err| ServiceBusError::Disconnected(format!("begin session: {err}")))
         })
         .await?;
-        let cbs = with_timeout(
-            "attach $cbs",
-            timeout,
-            Cbs::attach(&mut session, credentials),
-        )
-        .await?;
+        let cbs = Cbs::attach(&mut connection, credentials, timeout).await?;
         tracing::debug!(host = %namespace.host, port = namespace.port, "connected");
         Ok(Self {
             connection,

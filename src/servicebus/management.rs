@@ -23,21 +23,26 @@ pub struct Management {
 }
 
 impl Management {
+    /// Attach to `<queue>/$management`, bounded by `timeout` like every other step.
     pub async fn attach(
         session: &mut SessionHandle<()>,
         queue: &str,
         receiver_link_name: &str,
+        timeout: Duration,
     ) -> Result<Self, ServiceBusError> {
         let node = format!("{queue}/$management");
-        // Replies come back to the node address itself, as Microsoft's SDKs arrange it.
-        let client = MgmtClient::builder()
-            .management_node_address(node.clone())
-            .client_node_addr(node)
-            .attach(session)
-            .await
-            .map_err(|err| {
-                ServiceBusError::Disconnected(format!("attach {queue}/$management: {err}"))
-            })?;
+        let client = with_timeout("attach $management", timeout, async {
+            // Replies come back to the node address itself, as Microsoft's SDKs arrange it.
+            MgmtClient::builder()
+                .management_node_address(node.clone())
+                .client_node_addr(node)
+                .attach(session)
+                .await
+                .map_err(|err| {
+                    ServiceBusError::Disconnected(format!("attach {queue}/$management: {err}"))
+                })
+        })
+        .await?;
         Ok(Self {
             client,
             receiver_link_name: receiver_link_name.to_string(),

@@ -153,8 +153,10 @@ where
     }
 }
 
-/// Delay before retry number `attempt` (1-based): exponential, capped, with full jitter in
-/// the upper half so many clients restarting together do not retry in lockstep.
+/// Delay before retry number `attempt` (1-based): exponential, capped, with "equal jitter":
+/// half the capped delay is fixed and the other half random, so many clients restarting
+/// together do not retry in lockstep, yet no retry comes sooner than half its delay (a
+/// broker that refuses or is busy is never hammered in a tight loop).
 pub fn backoff_delay(retry: &RetryConfig, attempt: u32) -> Duration {
     let exponent = attempt.saturating_sub(1).min(20);
     let ceiling = retry
@@ -178,23 +180,44 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, ServiceBusError>>,
 {
+    match operation(0).await {
+        Ok(value) => Ok(value),
+        Err(err) => retry_after(what, retry, err, operation).await,
+    }
+}
+
+/// Like [`retry`], for an operation whose first try already failed with `failed` (made
+/// elsewhere, e.g. a send whose answer was awaited later): only the retries run here, with
+/// attempt numbers from 1.
+pub async fn retry_after<T, F, Fut>(
+    what: &str,
+    retry: &RetryConfig,
+    failed: ServiceBusError,
+    mut operation: F,
+) -> Result<T, ServiceBusError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, ServiceBusError>>,
+{
+    let mut err = failed;
     let mut attempt = 0;
     loop {
+        if !err.is_transient() || attempt >= retry.max_attempts {
+            return Err(err);
+        }
+        attempt += 1;
+        let delay = backoff_delay(retry, attempt);
+        tracing::warn!(
+            error = %err,
+            attempt,
+            max_attempts = retry.max_attempts,
+            delay_ms = delay.as_millis() as u64,
+            "{what} failed transiently; retrying"
+        );
+        tokio::time::sleep(delay).await;
         match operation(attempt).await {
             Ok(value) => return Ok(value),
-            Err(err) if err.is_transient() && attempt < retry.max_attempts => {
-                attempt += 1;
-                let delay = backoff_delay(retry, attempt);
-                tracing::warn!(
-                    error = %err,
-                    attempt,
-                    max_attempts = retry.max_attempts,
-                    delay_ms = delay.as_millis() as u64,
-                    "{what} failed transiently; retrying"
-                );
-                tokio::time::sleep(delay).await;
-            }
-            Err(err) => return Err(err),
+            Err(next) => err = next,
         }
     }
 }
@@ -281,5 +304,49 @@ mod tests {
         })
         .await;
         assert_eq!(result.ok(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn retry_after_a_failure_runs_only_the_retries() {
+        let mut attempts = Vec::new();
+        let result: Result<(), _> = retry_after(
+            "op",
+            &retry_config(),
+            ServiceBusError::Disconnected("gone".into()),
+            |attempt| {
+                attempts.push(attempt);
+                async { Err(ServiceBusError::ServerBusy("busy".into())) }
+            },
+        )
+        .await;
+        assert!(matches!(result, Err(ServiceBusError::ServerBusy(_))));
+        assert_eq!(
+            attempts,
+            vec![1, 2, 3],
+            "three retries, no repeat of the first try"
+        );
+
+        let mut calls = 0;
+        let result: Result<(), _> = retry_after(
+            "op",
+            &retry_config(),
+            ServiceBusError::Unauthorized("refused".into()),
+            |_| {
+                calls += 1;
+                async { Ok(()) }
+            },
+        )
+        .await;
+        assert!(matches!(result, Err(ServiceBusError::Unauthorized(_))));
+        assert_eq!(calls, 0, "a fatal first failure is not retried");
+
+        let result = retry_after(
+            "op",
+            &retry_config(),
+            ServiceBusError::Disconnected("gone".into()),
+            |attempt| async move { Ok(attempt) },
+        )
+        .await;
+        assert_eq!(result.ok(), Some(1));
     }
 }

@@ -215,9 +215,13 @@ impl QueueReceiver {
     ) -> Result<SystemTime, ServiceBusError> {
         let timeout = self.connection.timeout;
         if self.management.is_none() {
-            let management =
-                Management::attach(&mut self.connection.session, &self.queue, &self.link_name)
-                    .await?;
+            let management = Management::attach(
+                &mut self.connection.session,
+                &self.queue,
+                &self.link_name,
+                timeout,
+            )
+            .await?;
             self.management = Some(management);
         }
         let Some(management) = self.management.as_mut() else {

@@ -295,11 +295,19 @@ impl QueueSender {
         })
     }
 
+    /// Detach and close the connection, politely but for no longer than the operation
+    /// timeout: a broker that stopped answering must not hold up a resend.
     pub async fn close(self) {
-        if let Err(err) = self.link.close().await {
-            tracing::debug!(error = %err, "sender close");
+        let timeout = self.connection.timeout;
+        let close = async {
+            if let Err(err) = self.link.close().await {
+                tracing::debug!(error = %err, "sender close");
+            }
+            self.connection.close().await;
+        };
+        if tokio::time::timeout(timeout, close).await.is_err() {
+            tracing::debug!("sender close timed out; dropping the connection");
         }
-        self.connection.close().await;
     }
 }
 
