@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
@@ -83,7 +81,7 @@ fn completion_after_a_lost_lock_is_not_reported_and_the_message_returns() {
     let broker = Broker::start();
     let queue = broker.queue();
     produce(&broker, &queue, "1");
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -91,22 +89,9 @@ fn completion_after_a_lost_lock_is_not_reported_and_the_message_returns() {
             ("PROCESSING_DELAY", "3s"),
             ("CONSUMER_IDLE_TIMEOUT", "10s"),
         ],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = String::new();
-    loop {
-        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
-            let _ = consumer.kill();
-            panic!("no message received:\n{captured}");
-        };
-        captured.push_str(&line);
-        captured.push('\n');
-        if line.contains("Received message: ") {
-            break;
-        }
-    }
+    wait_for_line(&logs, &mut consumer, &mut captured, "Received message: ");
     broker.fault("/$admin/expire-locks");
     for line in logs.rest() {
         captured.push_str(&line);
@@ -125,26 +110,6 @@ fn completion_after_a_lost_lock_is_not_reported_and_the_message_returns() {
     );
 }
 
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, response)
-}
-
 /// A continuous worker (MESSAGE_COUNT=0) serves /metrics, /healthz and /readyz on the bound
 /// address it logs, with the message counters moving, and stops cleanly on SIGTERM.
 #[test]
@@ -152,13 +117,10 @@ fn continuous_worker_serves_metrics_and_stops_on_sigterm() {
     let broker = Broker::start();
     let queue = broker.queue();
     produce(&broker, &queue, "7");
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut metrics_addr = None;
     let mut received = 0;
     let mut captured = String::new();
@@ -183,7 +145,7 @@ fn continuous_worker_serves_metrics_and_stops_on_sigterm() {
     let addr = metrics_addr.expect("the bound metrics address is logged");
     // Settlement of the last message may still be in flight; give the counters a moment.
     std::thread::sleep(Duration::from_millis(500));
-    let (status, body) = get(&addr, "/metrics");
+    let (status, body) = metrics_get(&addr, "/metrics");
     assert_eq!(status, 200, "{body}");
     let received_total = body
         .lines()
@@ -200,8 +162,8 @@ fn continuous_worker_serves_metrics_and_stops_on_sigterm() {
                 && l.trim_end().ends_with(" 7")),
         "{body}"
     );
-    assert_eq!(get(&addr, "/healthz").0, 200);
-    assert_eq!(get(&addr, "/readyz").0, 200);
+    assert_eq!(metrics_get(&addr, "/healthz").0, 200);
+    assert_eq!(metrics_get(&addr, "/readyz").0, 200);
 
     terminate(&consumer);
     let _ = logs.rest();
@@ -217,7 +179,7 @@ fn prefetch_never_locks_more_than_still_wanted() {
     let broker = Broker::start();
     let queue = broker.queue();
     produce(&broker, &queue, "10");
-    let mut slow = demo_command(
+    let (mut slow, slow_logs) = spawn_demo(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -226,23 +188,10 @@ fn prefetch_never_locks_more_than_still_wanted() {
             ("PROCESSING_DELAY", "4s"),
             ("CONSUMER_IDLE_TIMEOUT", "30s"),
         ],
-    )
-    .spawn()
-    .expect("spawn slow consumer");
-    let slow_logs = LogStream::attach(&mut slow);
+    );
     // Once the slow Job has its first message, start the second one.
     let mut captured = String::new();
-    loop {
-        let Some(line) = slow_logs.next_line(Duration::from_secs(30)) else {
-            let _ = slow.kill();
-            panic!("slow consumer received nothing:\n{captured}");
-        };
-        captured.push_str(&line);
-        captured.push('\n');
-        if line.contains("Received message: ") {
-            break;
-        }
-    }
+    wait_for_line(&slow_logs, &mut slow, &mut captured, "Received message: ");
     let fast = run_demo(
         &broker.emulator_env,
         &[
@@ -271,7 +220,7 @@ fn sigterm_while_reconnecting_stops_cleanly() {
     let broker = Broker::start();
     let queue = broker.queue();
     produce(&broker, &queue, "1");
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -280,26 +229,17 @@ fn sigterm_while_reconnecting_stops_cleanly() {
             ("RETRY_BASE_DELAY", "1s"),
             ("RETRY_MAX_DELAY", "10s"),
         ],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = String::new();
-    let mut wait_for = |needle: &str, consumer: &mut std::process::Child| loop {
-        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
-            let _ = consumer.kill();
-            panic!("no {needle:?} in:\n{captured}");
-        };
-        captured.push_str(&line);
-        captured.push('\n');
-        if line.contains(needle) {
-            break;
-        }
-    };
-    wait_for("Received message: ", &mut consumer);
+    wait_for_line(&logs, &mut consumer, &mut captured, "Received message: ");
     broker.fault("/$admin/refuse-connections?seconds=120");
     broker.fault("/$admin/drop-connections");
-    wait_for("failed transiently; retrying", &mut consumer);
+    wait_for_line(
+        &logs,
+        &mut consumer,
+        &mut captured,
+        "failed transiently; retrying",
+    );
     terminate(&consumer);
     let status = consumer.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{captured}");
@@ -313,7 +253,7 @@ fn sigterm_while_reconnecting_after_a_failed_settlement_stops_cleanly() {
     let broker = Broker::start();
     let queue = broker.queue();
     produce(&broker, &queue, "1");
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -323,32 +263,28 @@ fn sigterm_while_reconnecting_after_a_failed_settlement_stops_cleanly() {
             ("RETRY_BASE_DELAY", "1s"),
             ("RETRY_MAX_DELAY", "10s"),
         ],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = String::new();
-    let mut wait_for = |needle: &str, consumer: &mut std::process::Child| loop {
-        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
-            let _ = consumer.kill();
-            panic!("no {needle:?} in:\n{captured}");
-        };
-        captured.push_str(&line);
-        captured.push('\n');
-        if line.contains(needle) {
-            break line;
-        }
-    };
     // Logged before processing starts: the drop lands while the message is being processed.
-    wait_for("Received message: ", &mut consumer);
+    wait_for_line(&logs, &mut consumer, &mut captured, "Received message: ");
     broker.fault("/$admin/refuse-connections?seconds=300");
     broker.fault("/$admin/drop-connections");
-    let lost = wait_for("connection lost; reconnecting", &mut consumer);
+    let lost = wait_for_line(
+        &logs,
+        &mut consumer,
+        &mut captured,
+        "connection lost; reconnecting",
+    );
     assert!(
         lost.contains("complete on"),
         "the settlement failed, not the receive: {lost}"
     );
-    wait_for("failed transiently; retrying", &mut consumer);
+    wait_for_line(
+        &logs,
+        &mut consumer,
+        &mut captured,
+        "failed transiently; retrying",
+    );
     terminate(&consumer);
     // The retries left would take minutes; a consumer that ignores the signal is still
     // running when this guard ends.

@@ -12,8 +12,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -171,6 +169,19 @@ fn read_until(
     }
 }
 
+/// The largest increase between consecutive running totals (from 0): the biggest batch sent.
+fn largest_step(totals: &[u64]) -> u64 {
+    totals
+        .iter()
+        .scan(0, |previous, &total| {
+            let size = total - *previous;
+            *previous = total;
+            Some(size)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn finish(mut child: Child, logs: LogStream, captured: &mut Captured) -> Option<i32> {
     for line in logs.rest() {
         captured.push(line);
@@ -180,17 +191,7 @@ fn finish(mut child: Child, logs: LogStream, captured: &mut Captured) -> Option<
 
 /// `GET path` on a metrics address.
 fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
+    let (_, response) = metrics_get(addr, path);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
@@ -301,7 +302,7 @@ fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
     // Produce: 8 KB bodies fill about 30 messages per 256 KB batch, so the run has many
     // batches; drop every connection right after the 2nd, 10th and 20th batch is accepted.
     let count = messages.to_string();
-    let mut producer = demo_command(
+    let (mut producer, logs) = spawn_demo(
         &env,
         &[
             ("OPERATION_MODE", "producer"),
@@ -309,10 +310,7 @@ fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
             ("MESSAGE_COUNT", count.as_str()),
             ("MESSAGE_SIZE", "8192"),
         ],
-    )
-    .spawn()
-    .expect("spawn producer");
-    let logs = LogStream::attach(&mut producer);
+    );
     let mut produced = Captured::new();
     let drop_after_batches = [2usize, 10, 20];
     let mut batches = 0;
@@ -332,15 +330,7 @@ fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
     assert_eq!(code, Some(0), "producer completes\n{}", produced.text());
     let progress = produced.sent_progress();
     assert_eq!(progress.last(), Some(&messages), "{}", produced.text());
-    let largest_batch = progress
-        .iter()
-        .scan(0, |previous, &total| {
-            let size = total - *previous;
-            *previous = total;
-            Some(size)
-        })
-        .max()
-        .unwrap_or(0);
+    let largest_batch = largest_step(&progress);
     let producer_reconnects = produced
         .messages_starting_with("send failed transiently")
         .len() as u64;
@@ -364,7 +354,7 @@ fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
     // Consume with prefetch, a little work per message, and drops at three points.
     let prefetch = 20u64;
     let prefetch_text = prefetch.to_string();
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &env,
         &[
             ("OPERATION_MODE", "consumer"),
@@ -373,10 +363,7 @@ fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
             ("PREFETCH", prefetch_text.as_str()),
             ("PROCESSING_DELAY", "2ms"),
         ],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut consumed = Captured::new();
     let drop_points = [queued / 10, queued / 3, queued * 2 / 3];
     let mut received = 0;
@@ -454,13 +441,10 @@ fn refused_connections_are_retried_with_jittered_backoff_and_counted() {
     let budget = max_retries_within(window * 1000) + 10;
     let env = with(&broker.emulator_env, &retry_env(budget));
     broker.fault(&format!("/$admin/refuse-connections?seconds={window}"));
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = Captured::new();
     // Wait for the window to pass, then give the consumer something to receive.
     let started = Instant::now();
@@ -636,13 +620,10 @@ fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     let lifetime = env_number("RELIABILITY_TOKEN_LIFETIME_SECONDS", 3);
     let lifetimes = env_number("RELIABILITY_TOKEN_LIFETIMES", 4);
     let env = broker.workload_env.clone();
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = Captured::new();
     // Once connected with a normal token, shorten the lifetime of every token issued next.
     read_until(&mut consumer, &logs, &mut captured, |line| {
@@ -723,17 +704,14 @@ fn sigterm_mid_produce_loses_nothing_reported_as_sent() {
     let queue = broker.queue();
     let messages = env_number("RELIABILITY_MESSAGES", 2000);
     let count = messages.to_string();
-    let mut producer = demo_command(
+    let (mut producer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
             ("OPERATION_MODE", "producer"),
             ("MESSAGE_COUNT", count.as_str()),
             ("MESSAGE_SIZE", "8192"),
         ],
-    )
-    .spawn()
-    .expect("spawn producer");
-    let logs = LogStream::attach(&mut producer);
+    );
     let mut captured = Captured::new();
     read_until(&mut producer, &logs, &mut captured, |line| {
         line.contains("\"Sent ")
@@ -742,15 +720,7 @@ fn sigterm_mid_produce_loses_nothing_reported_as_sent() {
     let code = finish(producer, logs, &mut captured);
     let progress = captured.sent_progress();
     let reported = progress.last().copied().unwrap_or(0);
-    let largest_batch = progress
-        .iter()
-        .scan(0, |previous, &total| {
-            let size = total - *previous;
-            *previous = total;
-            Some(size)
-        })
-        .max()
-        .unwrap_or(0);
+    let largest_batch = largest_step(&progress);
     let (queued, dead) = broker.counts(&queue);
     assert_eq!(dead, 0);
     if reported < messages {
@@ -822,13 +792,10 @@ fn an_expired_fixed_signature_ends_refreshing_with_one_error() {
             format!("Endpoint={endpoint};SharedAccessSignature={sas};UseDevelopmentEmulator=true"),
         )],
     );
-    let mut consumer = demo_command(
+    let (mut consumer, logs) = spawn_demo(
         &env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    )
-    .spawn()
-    .expect("spawn consumer");
-    let logs = LogStream::attach(&mut consumer);
+    );
     let mut captured = Captured::new();
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("token refresh failed")

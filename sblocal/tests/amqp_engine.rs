@@ -94,6 +94,13 @@ fn connect(broker: &Arc<Broker>) -> Client {
     }
 }
 
+/// A connection with an open session, authorized with `token`.
+async fn connect_with_token(broker: &Arc<Broker>, max_frame_size: u32, token: &str) -> Client {
+    let mut client = connect(broker);
+    client.open_session_with_token(max_frame_size, token).await;
+    client
+}
+
 impl Client {
     fn queue(&mut self, channel: u16, performative: Performative, payload: &[u8]) {
         frame::encode_frame(
@@ -193,6 +200,12 @@ impl Client {
         assert_eq!(&self.header().await, b"AMQP\x00\x01\x00\x00");
         assert!(matches!(self.performative().await, Performative::Open(_)));
         assert!(matches!(self.performative().await, Performative::Begin(_)));
+    }
+
+    /// Opens the connection and session, then authorizes it with `token`, which must be accepted.
+    async fn open_session_with_token(&mut self, max_frame_size: u32, token: &str) {
+        self.open(max_frame_size).await;
+        assert_eq!(self.put_token(token).await, 202);
     }
 
     /// `$cbs` put-token for the queue; returns the reply's status code.
@@ -384,13 +397,8 @@ fn active(broker: &Broker) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Attaches a sender on `address`, sends `bodies`, and waits for each accepted disposition.
-async fn send_messages(
-    client: &mut Client,
-    handle: u32,
-    address: &str,
-    bodies: &[&[u8]],
-) -> Attach {
+/// Sends the attach of an unsettled sender link on `address` without reading the reply.
+async fn send_sender_attach(client: &mut Client, handle: u32, address: &str) {
     client
         .send(
             0,
@@ -404,10 +412,26 @@ async fn send_messages(
             &[],
         )
         .await;
+}
+
+/// Attaches an unsettled sender on `address`; returns the broker's attach after its credit flow.
+async fn attach_unsettled_sender(client: &mut Client, handle: u32, address: &str) -> Attach {
+    send_sender_attach(client, handle, address).await;
     let Performative::Attach(reply) = client.performative().await else {
         panic!("expected attach");
     };
     assert!(matches!(client.performative().await, Performative::Flow(_)));
+    reply
+}
+
+/// Attaches a sender on `address`, sends `bodies`, and waits for each accepted disposition.
+async fn send_messages(
+    client: &mut Client,
+    handle: u32,
+    address: &str,
+    bodies: &[&[u8]],
+) -> Attach {
+    let reply = attach_unsettled_sender(client, handle, address).await;
     for (i, body) in bodies.iter().enumerate() {
         let tag = [i as u8];
         client
@@ -445,9 +469,7 @@ async fn attach_receiver(client: &mut Client, handle: u32, snd: SenderSettleMode
 #[tokio::test]
 async fn peek_lock_round_trip_with_lock_token_tags_and_settled_echo() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    let mut client = connect_with_token(&broker, 64 * 1024, "owner").await;
 
     let sender = send_messages(
         &mut client,
@@ -547,9 +569,7 @@ async fn peek_lock_round_trip_with_lock_token_tags_and_settled_echo() {
 #[tokio::test]
 async fn abandon_echoes_modified_and_redelivers_with_higher_count() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    let mut client = connect_with_token(&broker, 64 * 1024, "owner").await;
     send_messages(&mut client, 1, QUEUE, &[b"again"]).await;
     attach_receiver(&mut client, 2, SenderSettleMode::Unsettled).await;
     client.send(0, flow(2, 0, 1, false), &[]).await;
@@ -585,9 +605,7 @@ async fn abandon_echoes_modified_and_redelivers_with_higher_count() {
 #[tokio::test]
 async fn outgoing_messages_are_split_at_the_clients_max_frame_size() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(512).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    let mut client = connect_with_token(&broker, 512, "owner").await;
     let body = vec![7u8; 3000];
     // The client honours our larger max-frame-size, so one frame carries the send.
     send_messages(&mut client, 1, QUEUE, &[&body]).await;
@@ -624,24 +642,8 @@ async fn outgoing_messages_are_split_at_the_clients_max_frame_size() {
 #[tokio::test]
 async fn multi_frame_sends_are_reassembled() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
-    client
-        .send(
-            0,
-            attach(
-                "sender",
-                1,
-                Role::Sender,
-                QUEUE,
-                SenderSettleMode::Unsettled,
-            ),
-            &[],
-        )
-        .await;
-    client.performative().await;
-    client.performative().await;
+    let mut client = connect_with_token(&broker, 64 * 1024, "owner").await;
+    attach_unsettled_sender(&mut client, 1, QUEUE).await;
     let message = data_message(&[1u8; 2000]);
     let (head, tail) = message.split_at(700);
     client
@@ -660,9 +662,7 @@ async fn multi_frame_sends_are_reassembled() {
 #[tokio::test]
 async fn drain_on_an_empty_queue_returns_the_credit() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    let mut client = connect_with_token(&broker, 64 * 1024, "owner").await;
     attach_receiver(&mut client, 2, SenderSettleMode::Unsettled).await;
     client.send(0, flow(2, 0, 5, true), &[]).await;
     let Performative::Flow(reply) = client.performative().await else {
@@ -678,19 +678,7 @@ async fn links_without_a_token_or_with_too_few_rights_are_refused() {
     let broker = broker();
     let mut client = connect(&broker);
     client.open(64 * 1024).await;
-    client
-        .send(
-            0,
-            attach(
-                "sender",
-                1,
-                Role::Sender,
-                QUEUE,
-                SenderSettleMode::Unsettled,
-            ),
-            &[],
-        )
-        .await;
+    send_sender_attach(&mut client, 1, QUEUE).await;
     let Performative::Attach(reply) = client.performative().await else {
         panic!("expected attach");
     };
@@ -704,9 +692,7 @@ async fn links_without_a_token_or_with_too_few_rights_are_refused() {
         Some(fe2o3_amqp_types::definitions::AmqpError::UnauthorizedAccess.into())
     );
 
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("sender").await, 202);
+    let mut client = connect_with_token(&broker, 64 * 1024, "sender").await;
     attach_receiver(&mut client, 2, SenderSettleMode::Unsettled).await;
     assert!(matches!(
         client.performative().await,
@@ -725,19 +711,7 @@ async fn unknown_entity_is_not_found() {
     let broker = broker();
     let mut client = connect(&broker);
     client.open(64 * 1024).await;
-    client
-        .send(
-            0,
-            attach(
-                "sender",
-                1,
-                Role::Sender,
-                "nope",
-                SenderSettleMode::Unsettled,
-            ),
-            &[],
-        )
-        .await;
+    send_sender_attach(&mut client, 1, "nope").await;
     client.performative().await;
     let Performative::Detach(detach) = client.performative().await else {
         panic!("expected detach");
@@ -767,9 +741,7 @@ async fn expect_close_with_error(client: &mut Client) {
 #[tokio::test]
 async fn garbage_frames_close_only_that_connection() {
     let broker = broker();
-    let mut healthy = connect(&broker);
-    healthy.open(64 * 1024).await;
-    assert_eq!(healthy.put_token("owner").await, 202);
+    let mut healthy = connect_with_token(&broker, 64 * 1024, "owner").await;
 
     // An unknown performative descriptor.
     let mut bad = connect(&broker);
@@ -823,9 +795,7 @@ async fn garbage_frames_close_only_that_connection() {
     assert_eq!(&bad.header().await[..4], b"AMQP");
 
     // A client vanishing mid-transfer.
-    let mut gone = connect(&broker);
-    gone.open(64 * 1024).await;
-    assert_eq!(gone.put_token("owner").await, 202);
+    let mut gone = connect_with_token(&broker, 64 * 1024, "owner").await;
     gone.send(
         0,
         attach("s", 1, Role::Sender, QUEUE, SenderSettleMode::Unsettled),
@@ -853,25 +823,9 @@ async fn dropped_connections_get_a_close_with_an_error() {
 #[tokio::test]
 async fn server_busy_rejects_sends() {
     let broker = broker();
-    let mut client = connect(&broker);
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    let mut client = connect_with_token(&broker, 64 * 1024, "owner").await;
     broker.server_busy_for(Duration::from_secs(60));
-    client
-        .send(
-            0,
-            attach(
-                "sender",
-                1,
-                Role::Sender,
-                QUEUE,
-                SenderSettleMode::Unsettled,
-            ),
-            &[],
-        )
-        .await;
-    client.performative().await;
-    client.performative().await;
+    attach_unsettled_sender(&mut client, 1, QUEUE).await;
     client
         .send(
             0,
@@ -1005,23 +959,8 @@ async fn throughput_ceiling() {
         input: BytesMut::new(),
         output: BytesMut::new(),
     };
-    client.open(256 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
-    client
-        .send(
-            0,
-            attach(
-                "sender",
-                1,
-                Role::Sender,
-                QUEUE,
-                SenderSettleMode::Unsettled,
-            ),
-            &[],
-        )
-        .await;
-    client.performative().await;
-    client.performative().await;
+    client.open_session_with_token(256 * 1024, "owner").await;
+    attach_unsettled_sender(&mut client, 1, QUEUE).await;
 
     let single_in = measure_sends(&mut client, 1, COUNT, 1).await;
     attach_receiver(&mut client, 2, SenderSettleMode::Unsettled).await;
@@ -1076,14 +1015,13 @@ async fn heartbeats_follow_the_clients_idle_timeout() {
 async fn nothing_is_delivered_once_the_token_expired() {
     let broker = broker();
     let mut receiving = connect(&broker);
-    receiving.open(64 * 1024).await;
-    assert_eq!(receiving.put_token("short-lived").await, 202);
+    receiving
+        .open_session_with_token(64 * 1024, "short-lived")
+        .await;
     attach_receiver(&mut receiving, 2, SenderSettleMode::Unsettled).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
 
-    let mut sending = connect(&broker);
-    sending.open(64 * 1024).await;
-    assert_eq!(sending.put_token("owner").await, 202);
+    let mut sending = connect_with_token(&broker, 64 * 1024, "owner").await;
     send_messages(&mut sending, 1, QUEUE, &[b"for nobody"]).await;
 
     receiving.send(0, flow(2, 0, 1, false), &[]).await;
@@ -1106,8 +1044,7 @@ async fn a_client_that_writes_before_it_reads_does_not_wedge_the_connection() {
         input: BytesMut::new(),
         output: BytesMut::new(),
     };
-    client.open(64 * 1024).await;
-    assert_eq!(client.put_token("owner").await, 202);
+    client.open_session_with_token(64 * 1024, "owner").await;
     attach_receiver(&mut client, 2, SenderSettleMode::Settled).await;
     client.send(0, flow(2, 0, 2000, false), &[]).await;
     client

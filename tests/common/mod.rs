@@ -189,6 +189,27 @@ fn http(base: &str, method: &str, path: &str) -> String {
     }
 }
 
+/// `GET path` on a worker's metrics address; returns the status code and the whole response.
+pub fn metrics_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, response)
+}
+
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
@@ -316,6 +337,36 @@ pub fn terminate(child: &Child) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -TERM failed");
+}
+
+/// Starts `servicebusdemo` (see [`demo_command`]) and follows its merged log lines.
+pub fn spawn_demo(env: &HashMap<String, String>, extra: &[(&str, &str)]) -> (Child, LogStream) {
+    let mut child = demo_command(env, extra)
+        .spawn()
+        .expect("spawn servicebusdemo");
+    let logs = LogStream::attach(&mut child);
+    (child, logs)
+}
+
+/// Reads log lines into `captured` until one contains `needle` and returns that line. Kills
+/// `child` and fails the test, showing what was logged, when nothing arrives for 30 s.
+pub fn wait_for_line(
+    logs: &LogStream,
+    child: &mut Child,
+    captured: &mut String,
+    needle: &str,
+) -> String {
+    loop {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("no {needle:?} in:\n{captured}");
+        };
+        captured.push_str(&line);
+        captured.push('\n');
+        if line.contains(needle) {
+            return line;
+        }
+    }
 }
 
 /// Lines of a child's stdout and stderr, merged, as they come (logs may go to either).
