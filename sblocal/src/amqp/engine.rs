@@ -496,6 +496,19 @@ impl<H: Handler> Connection<H> {
         Ok(Next::Stop)
     }
 
+    /// A session-level performative on a channel no `begin` opened: a protocol violation.
+    fn unknown_channel<S>(
+        &mut self,
+        io: &mut Io<S>,
+        performative: &str,
+    ) -> Result<Next, EngineError> {
+        self.protocol_error(
+            io,
+            AmqpError::IllegalState,
+            format!("{performative} on unknown channel"),
+        )
+    }
+
     fn on_frame<S>(&mut self, io: &mut Io<S>, raw: frame::RawFrame) -> Result<Next, EngineError> {
         if self.closing {
             return Ok(Next::Continue);
@@ -602,11 +615,7 @@ impl<H: Handler> Connection<H> {
         attach: Attach,
     ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "attach on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "attach");
         };
         let handle = attach.handle.0;
         if session.handles.contains_key(&handle) {
@@ -711,11 +720,7 @@ impl<H: Handler> Connection<H> {
         flow: Flow,
     ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "flow on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "flow");
         };
         // Window the client still grants us (AMQP 1.0, 2.5.6).
         session.remote_incoming_window = match flow.next_incoming_id {
@@ -768,11 +773,7 @@ impl<H: Handler> Connection<H> {
         payload: Bytes,
     ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "transfer on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "transfer");
         };
         session.next_incoming_id = session.next_incoming_id.wrapping_add(1);
         session.incoming_window = session.incoming_window.saturating_sub(1);
@@ -881,11 +882,7 @@ impl<H: Handler> Connection<H> {
         disposition: Disposition,
     ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "disposition on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "disposition");
         };
         // The client settling its own sends: we settled those already.
         if disposition.role == Role::Sender {
@@ -926,11 +923,7 @@ impl<H: Handler> Connection<H> {
         detach: Detach,
     ) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.get_mut(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "detach on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "detach");
         };
         let handle = detach.handle.0;
         let Some(key) = session.handles.remove(&handle) else {
@@ -980,11 +973,7 @@ impl<H: Handler> Connection<H> {
 
     fn on_end<S>(&mut self, io: &mut Io<S>, channel: u16, _end: End) -> Result<Next, EngineError> {
         let Some(session) = self.sessions.remove(&channel) else {
-            return self.protocol_error(
-                io,
-                AmqpError::IllegalState,
-                "end on unknown channel".into(),
-            );
+            return self.unknown_channel(io, "end");
         };
         for key in session.handles.values().copied().filter(|key| *key != 0) {
             if self.links.remove(&key).is_some() {
