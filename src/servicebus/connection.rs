@@ -17,6 +17,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::cbs::Cbs;
+use super::coalesce::CoalescingStream;
 use super::{with_timeout, ServiceBusError};
 use crate::auth::Credentials;
 use crate::config::{Namespace, Transport};
@@ -102,11 +103,12 @@ async fn connect(namespace: &Namespace) -> Result<ConnectionHandle<()>, ServiceB
         .max_frame_size(MAX_FRAME_SIZE)
         .idle_time_out(IDLE_TIMEOUT_MS)
         .scheme("amqp");
+    // Coalesced outside TLS, so that frames sent together also share TLS records.
     let opened = match namespace.transport {
-        Transport::Plain => builder.open_with_stream(tcp).await,
+        Transport::Plain => builder.open_with_stream(CoalescingStream::new(tcp)).await,
         Transport::Tls => {
             let tls = tls_handshake(&namespace.host, tcp).await?;
-            builder.open_with_stream(tls).await
+            builder.open_with_stream(CoalescingStream::new(tls)).await
         }
     };
     opened.map_err(|err| open_error(&addr, err))

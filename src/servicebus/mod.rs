@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cbs;
+mod coalesce;
 pub mod connection;
 pub mod diagnostics;
 mod link_errors;
