@@ -517,8 +517,14 @@ pub fn init_tracing(config: &TracingConfig) -> Result<TelemetryGuard, TelemetryE
         None => local_tracer_provider(&config.service_name),
     };
     global::set_tracer_provider(tracer_provider.clone());
-    let otel_layer =
-        tracing_opentelemetry::layer().with_tracer(tracer_provider.tracer("servicebusdemo"));
+    // Without an exporter, spans only carry their ids into log lines and messages: turning
+    // every log line into a span event (its text copied) would be work for nothing, done for
+    // every message the consumer logs.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer_provider.tracer("servicebusdemo"))
+        .with_filter(tracing_subscriber::filter::filter_fn(move |metadata| {
+            exports_traces || metadata.is_span()
+        }));
 
     // Logs go to stderr so stdout stays free for machine-readable output of the modes.
     let fmt_layer = match config.log_format {

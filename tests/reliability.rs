@@ -1,11 +1,12 @@
 //! Reliability under the broker's fault switches, with real processes against a real `sblocal`:
 //! dropped connections mid-produce and mid-consume, a refusal window, a busy broker, short-lived
-//! access tokens, and SIGTERM in the middle of a producer run.
+//! access tokens, an unanswered `$cbs`, and SIGTERM in the middle of a producer run.
 //!
 //! Durations that make a run slow are configurable (defaults are short but still exercise
 //! several retries): `RELIABILITY_MESSAGES`, `RELIABILITY_LOCK_DURATION` (ISO-8601),
 //! `RELIABILITY_REFUSE_SECONDS`, `RELIABILITY_BUSY_SECONDS`,
-//! `RELIABILITY_TOKEN_LIFETIME_SECONDS`, `RELIABILITY_TOKEN_LIFETIMES`. No assertion depends on
+//! `RELIABILITY_TOKEN_LIFETIME_SECONDS`, `RELIABILITY_TOKEN_LIFETIMES`,
+//! `RELIABILITY_CBS_TOKEN_LIFETIME_SECONDS`. No assertion depends on
 //! how fast this machine is: counts are bounded by the retry policy's arithmetic, and waits only
 //! ever make a run longer.
 
@@ -692,6 +693,115 @@ fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     println!(
         "token lifetime {lifetime}s over {elapsed:?}: consumer token requests {token_requests}, \
          tokens issued by the broker {issued}"
+    );
+}
+
+/// `$cbs` stops answering while a long-running consumer refreshes its token: the put-token
+/// times out, the `$cbs` link is replaced on the same connection (fe2o3 does not match
+/// answers to requests, so a late answer on the old link could pass for the next one's), and
+/// once the broker answers again the retried refresh succeeds before the token lapses: the
+/// consumer never reconnects and keeps receiving.
+#[test]
+fn an_unanswered_token_refresh_is_retried_on_a_fresh_cbs_link() {
+    let broker = Broker::start();
+    let queue = broker.queue();
+    // Refreshed at three quarters of its lifetime: time for a timed-out attempt and a retry.
+    let lifetime = env_number("RELIABILITY_CBS_TOKEN_LIFETIME_SECONDS", 20);
+    broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
+    let env = with(
+        &broker.workload_env,
+        &[
+            ("OPERATION_TIMEOUT".into(), "1s".into()),
+            (
+                "RUST_LOG".into(),
+                "info,servicebusdemo::servicebus::cbs=debug".into(),
+            ),
+        ],
+    );
+    let (mut consumer, logs) = spawn_demo(
+        &env,
+        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
+    );
+    let mut captured = Captured::new();
+    // Connected and authorised: from here on, any new connection would be a reconnect.
+    read_until(&mut consumer, &logs, &mut captured, |line| {
+        line.contains("token accepted")
+    });
+    let connections_before = broker.stats()["amqp_connections"]
+        .as_u64()
+        .expect("connections");
+    broker.fault("/$admin/silent-cbs?seconds=600");
+    read_until(&mut consumer, &logs, &mut captured, |line| {
+        line.contains("token refresh failed; retrying")
+    });
+    broker.fault("/$admin/silent-cbs?seconds=0");
+    read_until(&mut consumer, &logs, &mut captured, |line| {
+        line.contains("token refreshed")
+    });
+    let connections_during = broker.stats()["amqp_connections"]
+        .as_u64()
+        .expect("connections")
+        - connections_before;
+    let output = run_demo(
+        &env,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "3")],
+    );
+    assert_success(&output);
+    let mut received = 0;
+    read_until(&mut consumer, &logs, &mut captured, |line| {
+        if line.contains("Received message: ") {
+            received += 1;
+        }
+        received == 3
+    });
+    terminate(&consumer);
+    let code = finish(consumer, logs, &mut captured);
+    assert_eq!(code, Some(0), "{}", captured.text());
+    let failed = captured.messages_starting_with("token refresh failed");
+    assert!(
+        !failed.is_empty()
+            && failed.iter().all(|line| {
+                log_field(line, "error")
+                    .and_then(|e| e.as_str())
+                    .is_some_and(|e| e.contains("put-token timed out"))
+            }),
+        "the refresh failed by timing out\n{}",
+        captured.text()
+    );
+    // The retry came before the first token lapsed (it was issued before it was accepted).
+    let accepted = captured.messages_starting_with("token accepted");
+    let refreshed = captured.messages_starting_with("token refreshed");
+    let renewed_after = gap_seconds(&accepted[0], &refreshed[0]);
+    assert!(
+        renewed_after < lifetime as f64,
+        "refreshed {renewed_after:.1}s after the first token, which lived {lifetime}s\n{}",
+        captured.text()
+    );
+    assert_eq!(
+        captured
+            .messages_starting_with("attaching a new $cbs link")
+            .len(),
+        failed.len(),
+        "each retry used a fresh $cbs link\n{}",
+        captured.text()
+    );
+    assert_eq!(
+        connections_during,
+        0,
+        "the consumer opened no new connection while $cbs was silent\n{}",
+        captured.text()
+    );
+    assert!(
+        captured
+            .messages_starting_with("connection lost")
+            .is_empty(),
+        "no reconnect was needed: the retried refresh kept the link authorised\n{}",
+        captured.text()
+    );
+    assert_eq!(broker.counts(&queue), (0, 0));
+    println!(
+        "token lifetime {lifetime}s: {} refresh attempt(s) timed out, then refreshed on a new $cbs link",
+        failed.len()
     );
 }
 

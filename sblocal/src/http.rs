@@ -6,6 +6,7 @@
 //! - `POST /$admin/refuse-connections?seconds=N` — accept and immediately close new AMQP
 //!   connections for N seconds (0 ends it);
 //! - `POST /$admin/server-busy?seconds=N` — answer sends with `com.microsoft:server-busy`;
+//! - `POST /$admin/silent-cbs?seconds=N` — leave `$cbs` put-token requests unanswered;
 //! - `POST /$admin/token-lifetime?seconds=N` — lifetime of access tokens issued from now on
 //!   (0 restores the default);
 //! - `POST /$admin/expire-locks` — expire every message lock now;
@@ -54,6 +55,7 @@ pub fn admin_routes(state: Arc<AdminState>) -> Router {
         .route("/$admin/drop-connections", post(drop_connections))
         .route("/$admin/refuse-connections", post(refuse_connections))
         .route("/$admin/server-busy", post(server_busy))
+        .route("/$admin/silent-cbs", post(silent_cbs))
         .route("/$admin/token-lifetime", post(token_lifetime))
         .route("/$admin/expire-locks", post(expire_locks))
         .with_state(state)
@@ -128,6 +130,16 @@ async fn server_busy(
     state.broker.server_busy_for(duration);
     "busy
 "
+}
+
+async fn silent_cbs(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<Seconds>,
+) -> &'static str {
+    let duration = query.duration();
+    tracing::warn!(?duration, "fault: $cbs requests unanswered");
+    state.broker.silent_cbs_for(duration);
+    "silent\n"
 }
 
 async fn token_lifetime(
@@ -438,8 +450,10 @@ mod tests {
             let (status, _) = call(&f.router, post(&format!("/$admin/{route}"))).await;
             assert_eq!(status, StatusCode::OK, "{route}");
         }
-        let (status, _) = call(&f.router, post("/$admin/server-busy?seconds=0")).await;
-        assert_eq!(status, StatusCode::OK);
+        for route in ["server-busy", "silent-cbs"] {
+            let (status, _) = call(&f.router, post(&format!("/$admin/{route}?seconds=0"))).await;
+            assert_eq!(status, StatusCode::OK, "{route}");
+        }
         let (status, body) = call(&f.router, get("/$admin/stats", None)).await;
         assert_eq!(status, StatusCode::OK);
         let stats: serde_json::Value = serde_json::from_str(&body).expect("json");

@@ -19,6 +19,7 @@ use fe2o3_amqp_cbs::token::CbsToken;
 use fe2o3_amqp_management::error::Error as MgmtError;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{with_timeout, ServiceBusError};
 use crate::auth::{refresh_after, AccessToken, Credentials};
@@ -26,8 +27,10 @@ use crate::auth::{refresh_after, AccessToken, Credentials};
 /// The `$cbs` node, used as both the request target and the reply address (as Microsoft's
 /// Python SDK does).
 const CBS_NODE: &str = "$cbs";
-/// Delay before retrying a failed refresh.
+/// Delay before retrying a failed refresh (shorter when the current token lapses sooner).
 const REFRESH_RETRY: Duration = Duration::from_secs(5);
+/// Shortest delay before retrying a failed refresh.
+const MIN_REFRESH_RETRY: Duration = Duration::from_millis(250);
 
 /// The `$cbs` session and, while it can be trusted, its request/response link.
 struct CbsLink {
@@ -46,7 +49,10 @@ impl CbsLink {
     ) -> Result<(), ServiceBusError> {
         let mut client = match self.client.take() {
             Some(client) => client,
-            None => attach_client(&mut self.session, self.timeout).await?,
+            None => {
+                tracing::debug!("attaching a new $cbs link after a failed exchange");
+                attach_client(&mut self.session, self.timeout).await?
+            }
         };
         // The link is out of `self` while the answer is awaited: if this future is dropped
         // (a caller's timeout), the link goes with it and is never reused.
@@ -203,9 +209,16 @@ enum AfterFailure {
     GiveUp,
 }
 
-fn after_failure(err: &ServiceBusError) -> AfterFailure {
+/// After a failed refresh: retry transient failures in REFRESH_RETRY, or sooner (half of
+/// what is left, at least MIN_REFRESH_RETRY) when the current token would lapse first, so a
+/// short-lived token is replaced before the broker stops the links.
+fn after_failure(err: &ServiceBusError, current_token_left: Duration) -> AfterFailure {
     if err.is_transient() {
-        AfterFailure::RetryIn(REFRESH_RETRY)
+        AfterFailure::RetryIn(
+            REFRESH_RETRY
+                .min(current_token_left / 2)
+                .max(MIN_REFRESH_RETRY),
+        )
     } else {
         AfterFailure::GiveUp
     }
@@ -215,32 +228,40 @@ async fn refresh_loop(
     link: Arc<Mutex<CbsLink>>,
     credentials: Arc<Credentials>,
     audience: String,
-    mut valid_for: Duration,
+    valid_for: Duration,
     timeout: Duration,
 ) {
+    let mut current_expiry = Instant::now() + valid_for;
+    let mut next_refresh = refresh_after(valid_for);
     loop {
-        tokio::time::sleep(refresh_after(valid_for)).await;
+        tokio::time::sleep(next_refresh).await;
         let refreshed = refresh(&link, &credentials, &audience, timeout).await;
         match refreshed {
             Ok(token) => {
-                valid_for = token.remaining();
+                let valid_for = token.remaining();
+                current_expiry = Instant::now() + valid_for;
+                next_refresh = refresh_after(valid_for);
                 tracing::debug!(%audience, expires_in_s = valid_for.as_secs(), "token refreshed");
             }
-            Err(err) => match after_failure(&err) {
-                AfterFailure::RetryIn(delay) => {
-                    // If the token lapses meanwhile, the broker detaches our links and the
-                    // owner's reconnect path takes over.
-                    tracing::warn!(%audience, error = %err, "token refresh failed; retrying");
-                    valid_for = delay * 4 / 3;
+            Err(err) => {
+                let left = current_expiry.saturating_duration_since(Instant::now());
+                match after_failure(&err, left) {
+                    AfterFailure::RetryIn(delay) => {
+                        // If the token lapses meanwhile, the broker detaches our links and
+                        // the owner's reconnect path takes over.
+                        tracing::warn!(%audience, error = %err, retry_in = ?delay,
+                            "token refresh failed; retrying");
+                        next_refresh = delay;
+                    }
+                    AfterFailure::GiveUp => {
+                        // Once the token lapses the broker detaches the links; the owner's
+                        // reconnect then fails on the same error and stops with it.
+                        tracing::error!(%audience, error = %err,
+                            "token refresh failed permanently; the entity stays authorised only until the current token expires");
+                        return;
+                    }
                 }
-                AfterFailure::GiveUp => {
-                    // Once the token lapses the broker detaches the links; the owner's
-                    // reconnect then fails on the same error and stops with it.
-                    tracing::error!(%audience, error = %err,
-                        "token refresh failed permanently; the entity stays authorised only until the current token expires");
-                    return;
-                }
-            },
+            }
         }
     }
 }
@@ -276,9 +297,10 @@ mod tests {
             ServiceBusError::Disconnected("link gone".into()),
             ServiceBusError::from_status("put-token", 503, None),
         ];
+        let hour = Duration::from_secs(3600);
         for err in retried {
             assert_eq!(
-                after_failure(&err),
+                after_failure(&err, hour),
                 AfterFailure::RetryIn(REFRESH_RETRY),
                 "{err}"
             );
@@ -289,7 +311,23 @@ mod tests {
             ServiceBusError::Protocol("put-token: status 400".into()),
         ];
         for err in final_errors {
-            assert_eq!(after_failure(&err), AfterFailure::GiveUp, "{err}");
+            assert_eq!(after_failure(&err, hour), AfterFailure::GiveUp, "{err}");
         }
+    }
+
+    #[test]
+    fn a_refresh_is_retried_before_a_short_lived_token_lapses() {
+        let timed_out = ServiceBusError::Timeout {
+            operation: "put-token",
+            timeout: Duration::from_secs(1),
+        };
+        let retry_in = |left_ms| match after_failure(&timed_out, Duration::from_millis(left_ms)) {
+            AfterFailure::RetryIn(delay) => delay,
+            AfterFailure::GiveUp => panic!("a timeout is retried"),
+        };
+        assert_eq!(retry_in(60_000), REFRESH_RETRY);
+        assert_eq!(retry_in(4_000), Duration::from_secs(2));
+        assert_eq!(retry_in(100), MIN_REFRESH_RETRY);
+        assert_eq!(retry_in(0), MIN_REFRESH_RETRY);
     }
 }

@@ -266,6 +266,10 @@ impl BrokerConnection {
     }
 
     fn on_cbs_request(&mut self, message: IncomingMessage) {
+        if self.broker.cbs_is_silent() {
+            tracing::debug!("fault: $cbs request left unanswered");
+            return;
+        }
         let Some(request) = decode_request(&message.payload) else {
             return;
         };

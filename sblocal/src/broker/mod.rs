@@ -60,6 +60,28 @@ pub struct QueueStats {
     pub size_in_bytes: u64,
 }
 
+/// A fault switched on until a deadline.
+#[derive(Default)]
+struct FaultWindow {
+    until: Mutex<Option<Instant>>,
+}
+
+impl FaultWindow {
+    /// Open for `duration` from now; zero closes it.
+    fn open_for(&self, duration: Duration) {
+        *self.lock() = (!duration.is_zero()).then(|| Instant::now() + duration);
+    }
+
+    fn is_open(&self) -> bool {
+        self.lock().is_some_and(|until| Instant::now() < until)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A plain Option: a panic elsewhere cannot leave it inconsistent.
+        self.until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The in-memory Service Bus namespace.
 pub struct Broker {
     /// Queues in configuration order; looked up case-insensitively like Service Bus entities.
@@ -67,7 +89,10 @@ pub struct Broker {
     by_name: HashMap<String, Arc<Queue>>,
     validator: Arc<dyn TokenValidator>,
     connections: Mutex<Vec<Weak<ConnectionControl>>>,
-    busy_until: Mutex<Option<Instant>>,
+    /// Fault: sends are answered with `com.microsoft:server-busy`.
+    server_busy: FaultWindow,
+    /// Fault: `$cbs` put-token requests are taken but never answered.
+    silent_cbs: FaultWindow,
     sweeper_started: OnceLock<()>,
     engine: EngineConfig,
 }
@@ -87,7 +112,8 @@ impl Broker {
             by_name,
             validator,
             connections: Mutex::new(Vec::new()),
-            busy_until: Mutex::new(None),
+            server_busy: FaultWindow::default(),
+            silent_cbs: FaultWindow::default(),
             sweeper_started: OnceLock::new(),
             engine: EngineConfig::default(),
         })
@@ -147,8 +173,11 @@ impl Broker {
     }
 
     pub(crate) fn is_busy(&self) -> bool {
-        let busy_until = self.busy_until.lock().unwrap_or_else(|p| p.into_inner());
-        busy_until.is_some_and(|until| Instant::now() < until)
+        self.server_busy.is_open()
+    }
+
+    pub(crate) fn cbs_is_silent(&self) -> bool {
+        self.silent_cbs.is_open()
     }
 
     /// Runtime counts for `queue`, or `None` when no such queue exists.
@@ -184,8 +213,13 @@ impl Broker {
 
     /// Fault: answer every send with `com.microsoft:server-busy` for `duration`.
     pub fn server_busy_for(&self, duration: Duration) {
-        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + duration);
+        self.server_busy.open_for(duration);
+    }
+
+    /// Fault: leave `$cbs` put-token requests unanswered for `duration`, as a broker that lost
+    /// them would; clients time out and must not mistake a later answer for theirs.
+    pub fn silent_cbs_for(&self, duration: Duration) {
+        self.silent_cbs.open_for(duration);
     }
 
     /// Fault: expire every message lock now (the messages become available again).
