@@ -14,6 +14,7 @@
 #   BENCH_CONSUMER_COUNT       messages per consumer run      (default 10000; quick 2000)
 #   BENCH_PREFETCHES           consumer prefetch settings     (default "0 100")
 #   BENCH_MESSAGE_SIZE         body bytes                     (default 1024)
+#   BENCH_REPEATS              throughput runs, median shown  (default 3; quick 1)
 #   BENCH_COLD_RUNS            cold-start runs, median shown  (default 5; quick 3)
 #   BENCH_SCALER_CALLERS       concurrent GetMetrics callers  (default 1000)
 #   BENCH_SCALER_WAVES         waves of callers               (default 5; quick 2)
@@ -29,11 +30,13 @@ if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
     default_producer_counts="2000 10000"
     default_consumer_count=2000
     default_cold_runs=3
+    default_repeats=1
     default_waves=2
 else
     default_producer_counts="10000 100000"
     default_consumer_count=10000
     default_cold_runs=5
+    default_repeats=3
     default_waves=5
 fi
 PRODUCER_COUNTS=${BENCH_PRODUCER_COUNTS:-$default_producer_counts}
@@ -41,6 +44,7 @@ CONSUMER_COUNT=${BENCH_CONSUMER_COUNT:-$default_consumer_count}
 PREFETCHES=${BENCH_PREFETCHES:-0 100}
 SIZE=${BENCH_MESSAGE_SIZE:-1024}
 COLD_RUNS=${BENCH_COLD_RUNS:-$default_cold_runs}
+REPEATS=${BENCH_REPEATS:-$default_repeats}
 SCALER_CALLERS=${BENCH_SCALER_CALLERS:-1000}
 SCALER_WAVES=${BENCH_SCALER_WAVES:-$default_waves}
 PYTHON=${BENCH_PYTHON:-$ROOT/.venv/bin/python}
@@ -52,7 +56,7 @@ die() {
     exit 1
 }
 
-for number in "$CONSUMER_COUNT" "$SIZE" "$COLD_RUNS" "$SCALER_CALLERS" "$SCALER_WAVES" $PRODUCER_COUNTS $PREFETCHES; do
+for number in "$CONSUMER_COUNT" "$SIZE" "$COLD_RUNS" "$REPEATS" "$SCALER_CALLERS" "$SCALER_WAVES" $PRODUCER_COUNTS $PREFETCHES; do
     [[ "$number" =~ ^[0-9]+$ ]] || die "not a number: $number (check the BENCH_* settings)"
 done
 [[ -x "$PYTHON" ]] || die "no Python at $PYTHON (set BENCH_PYTHON)"
@@ -128,6 +132,9 @@ json_field() { # FILE FIELD -> the number after "FIELD":
 rate() { # COUNT SECONDS -> per second
     awk -v n="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print "" }'
 }
+median_of() { # VALUES... -> their median
+    printf '%s\n' "$@" | median
+}
 median() {
     sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.1f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
@@ -187,18 +194,27 @@ ours_consume() { # COUNT PREFETCH -> msg/s (first message received -> finished);
 }
 
 # --- producer -------------------------------------------------------------------------------
+# Each throughput is the median of REPEATS runs, ours and the peers interleaved, so that a
+# slow moment of the machine does not decide a ratio.
 for count in $PRODUCER_COUNTS; do
-    echo "producer, $count messages..." >&2
-    R[raw_send_$count]=$(raw_send "$count")
-    drain "$count"
-    R[ours_send_$count]=$(ours_produce "$count")
-    R[ours_send_rss]=$(rss_mb "$WORK/last-ours.rss")
-    drain "$count"
-    R[py_batch_$count]=$(python_peer send-batch "$count" "$SIZE")
-    R[py_send_rss]=$(rss_mb "$WORK/last-python.rss")
-    drain "$count"
-    R[py_single_$count]=$(python_peer send-single "$count" "$SIZE")
-    drain "$count"
+    echo "producer, $count messages (x$REPEATS)..." >&2
+    raw_runs=() ours_runs=() batch_runs=() single_runs=()
+    for _ in $(seq 1 "$REPEATS"); do
+        raw_runs+=("$(raw_send "$count")")
+        drain "$count"
+        ours_runs+=("$(ours_produce "$count")")
+        R[ours_send_rss]=$(rss_mb "$WORK/last-ours.rss")
+        drain "$count"
+        batch_runs+=("$(python_peer send-batch "$count" "$SIZE")")
+        R[py_send_rss]=$(rss_mb "$WORK/last-python.rss")
+        drain "$count"
+        single_runs+=("$(python_peer send-single "$count" "$SIZE")")
+        drain "$count"
+    done
+    R[raw_send_$count]=$(median_of "${raw_runs[@]}")
+    R[ours_send_$count]=$(median_of "${ours_runs[@]}")
+    R[py_batch_$count]=$(median_of "${batch_runs[@]}")
+    R[py_single_$count]=$(median_of "${single_runs[@]}")
 done
 
 # --- consumer -------------------------------------------------------------------------------
@@ -206,17 +222,23 @@ echo "raw receive ceiling..." >&2
 fill "$CONSUMER_COUNT"
 R[raw_receive]=$(raw_receive "$CONSUMER_COUNT" "$RAW_CREDIT")
 for prefetch in $PREFETCHES; do
-    echo "consumer, prefetch $prefetch..." >&2
+    echo "consumer, prefetch $prefetch (x$REPEATS)..." >&2
     # The ceiling at the same credit: with prefetch 0 every message is a round trip.
     credit=$((prefetch > 0 ? prefetch : 1))
-    fill "$CONSUMER_COUNT"
-    R[raw_recv_$prefetch]=$(raw_receive "$CONSUMER_COUNT" "$credit")
-    fill "$CONSUMER_COUNT"
-    R[ours_recv_$prefetch]=$(ours_consume "$CONSUMER_COUNT" "$prefetch")
-    R[ours_recv_rss]=$(rss_mb "$WORK/last-ours.rss")
-    fill "$CONSUMER_COUNT"
-    R[py_recv_$prefetch]=$(python_peer receive "$CONSUMER_COUNT" "$prefetch")
-    R[py_recv_rss]=$(rss_mb "$WORK/last-python.rss")
+    raw_runs=() ours_runs=() python_runs=()
+    for _ in $(seq 1 "$REPEATS"); do
+        fill "$CONSUMER_COUNT"
+        raw_runs+=("$(raw_receive "$CONSUMER_COUNT" "$credit")")
+        fill "$CONSUMER_COUNT"
+        ours_runs+=("$(ours_consume "$CONSUMER_COUNT" "$prefetch")")
+        R[ours_recv_rss]=$(rss_mb "$WORK/last-ours.rss")
+        fill "$CONSUMER_COUNT"
+        python_runs+=("$(python_peer receive "$CONSUMER_COUNT" "$prefetch")")
+        R[py_recv_rss]=$(rss_mb "$WORK/last-python.rss")
+    done
+    R[raw_recv_$prefetch]=$(median_of "${raw_runs[@]}")
+    R[ours_recv_$prefetch]=$(median_of "${ours_runs[@]}")
+    R[py_recv_$prefetch]=$(median_of "${python_runs[@]}")
 done
 
 # --- cold start (workload identity: token file -> token endpoint -> $cbs over TLS) -----------
@@ -305,7 +327,7 @@ row "Measurement" "ours" "Python azure-servicebus" "raw fe2o3 ceiling" "ours / P
 row "---" "---:" "---:" "---:" "---:" "---:"
 for count in $PRODUCER_COUNTS; do
     ours=${R[ours_send_$count]}
-    row "producer, $(thousands "$count") msgs (msg/s; Python: ServiceBusMessageBatch)" "$(thousands "$ours")" \
+    row "producer, $(thousands "$count") msgs (msg/s, median of $REPEATS; Python: ServiceBusMessageBatch)" "$(thousands "$ours")" \
         "$(thousands "${R[py_batch_$count]}")" "$(thousands "${R[raw_send_$count]}")" \
         "$(ratio "$ours" "${R[py_batch_$count]}")" "$(percent "$ours" "${R[raw_send_$count]}")"
     row "producer, $(thousands "$count") msgs (msg/s; Python: single sends)" "$(thousands "$ours")" \
@@ -313,7 +335,7 @@ for count in $PRODUCER_COUNTS; do
 done
 for prefetch in $PREFETCHES; do
     ours=${R[ours_recv_$prefetch]}
-    row "consumer receive+complete, prefetch $prefetch, $(thousands "$CONSUMER_COUNT") msgs (msg/s; ceiling at the same credit)" \
+    row "consumer receive+complete, prefetch $prefetch, $(thousands "$CONSUMER_COUNT") msgs (msg/s, median of $REPEATS; ceiling at the same credit)" \
         "$(thousands "$ours")" "$(thousands "${R[py_recv_$prefetch]}")" "$(thousands "${R[raw_recv_$prefetch]}")" \
         "$(ratio "$ours" "${R[py_recv_$prefetch]}")" "$(percent "$ours" "${R[raw_recv_$prefetch]}")"
 done
@@ -332,5 +354,5 @@ row "release binary size (as built / stripped)" "$(mb "${R[size]}") / $(mb "${R[
 row "scaler GetMetrics from cache, $SCALER_CALLERS concurrent callers x $SCALER_WAVES (ms p50 / p99)" \
     "${R[scaler_p50]} / ${R[scaler_p99]}" "-" "-" "-" "-"
 echo
-echo "Raw ceiling: pre-encoded batches, 8 in flight (in); receive with automatic credit, complete each (out)."
+echo "Raw ceiling: pre-encoded batch_runs, 8 in flight (in); receive with automatic credit, complete each (out)."
 echo "Throughput clocks start once the link is open (ours: from the log; Python and raw: in-process)."

@@ -19,7 +19,7 @@ use crate::auth::Credentials;
 use crate::config::{CommonConfig, ConsumerConfig};
 use crate::servicebus::diagnostics::continue_trace;
 use crate::servicebus::{retry, QueueReceiver, ReceivedMessage, ServiceBusError};
-use crate::telemetry::{Metrics, Readiness, SettleOutcome};
+use crate::telemetry::{self, Metrics, Readiness, SettleOutcome};
 
 /// How long a continuous worker waits in one receive call before looking around again.
 const CONTINUOUS_WAIT: Duration = Duration::from_secs(60);
@@ -126,21 +126,38 @@ pub async fn run(
     std::thread::Builder::new()
         .name("consumer".into())
         .spawn(move || {
+            // One write for the lines of each message, once its settlement is sent.
+            telemetry::buffer_this_thread();
             let result = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(telemetry::flush_this_thread)
                 .build()
             {
-                Ok(runtime) => runtime.block_on(
-                    consume(&config, &common, credentials, metrics, readiness, async {
-                        // A dropped sender (the caller went away) also means stop.
-                        let _ = stopped.await;
-                    })
-                    .instrument(span),
-                ),
+                // A task rather than the block_on future itself: a task woken by another
+                // task runs in the same scheduler turn, whereas a woken block_on future makes
+                // the runtime poll the network first (one more syscall per message).
+                Ok(runtime) => runtime.block_on(async move {
+                    let consumer = async move {
+                        let stop = async {
+                            // A dropped sender (the caller went away) also means stop.
+                            let _ = stopped.await;
+                        };
+                        consume(&config, &common, credentials, metrics, readiness, stop).await
+                    };
+                    tokio::spawn(consumer.instrument(span))
+                        .await
+                        .unwrap_or_else(|err| {
+                            Err(ServiceBusError::Protocol(format!(
+                                "the consumer task failed: {err}"
+                            )))
+                        })
+                }),
                 Err(err) => Err(ServiceBusError::Protocol(format!(
                     "cannot start the consumer's runtime: {err}"
                 ))),
             };
+            // Before the result: the caller's next lines must come after this thread's.
+            telemetry::flush_this_thread();
             let _ = done.send(result);
         })
         .map_err(|err| ServiceBusError::Protocol(format!("cannot start the consumer: {err}")))?;

@@ -9,6 +9,10 @@
 //! (`metrics.message_sent(queue, n)`, `observe_send(queue, elapsed)`, ...), and
 //! `serve_http(addr, metrics, readiness)` for `/metrics`, `/healthz` and `/readyz`.
 
+mod log_writer;
+
+pub use log_writer::{buffer_this_thread, flush_this_thread};
+
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -531,7 +535,7 @@ pub fn init_tracing(config: &TracingConfig) -> Result<TelemetryGuard, TelemetryE
         // Colours only for a person at a terminal, never into files or log collectors.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(log_writer::Stderr)
             .boxed(),
         LogFormat::Json => {
             let json = tracing_subscriber::fmt::format()
@@ -542,7 +546,7 @@ pub fn init_tracing(config: &TracingConfig) -> Result<TelemetryGuard, TelemetryE
             tracing_subscriber::fmt::layer()
                 .json()
                 .event_format(WithTraceId(json))
-                .with_writer(std::io::stderr)
+                .with_writer(log_writer::Stderr)
                 .boxed()
         }
     };
