@@ -354,5 +354,5 @@ row "release binary size (as built / stripped)" "$(mb "${R[size]}") / $(mb "${R[
 row "scaler GetMetrics from cache, $SCALER_CALLERS concurrent callers x $SCALER_WAVES (ms p50 / p99)" \
     "${R[scaler_p50]} / ${R[scaler_p99]}" "-" "-" "-" "-"
 echo
-echo "Raw ceiling: pre-encoded batch_runs, 8 in flight (in); receive with automatic credit, complete each (out)."
+echo "Raw ceiling: pre-encoded batches, 8 in flight (in); receive with automatic credit, complete each (out)."
 echo "Throughput clocks start once the link is open (ours: from the log; Python and raw: in-process)."

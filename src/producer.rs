@@ -23,6 +23,7 @@ pub fn messages<'a>(
     config: &'a ProducerConfig,
     trace: &'a [(String, String)],
 ) -> impl Iterator<Item = OutgoingMessage> + 'a {
+    let body: Arc<[u8]> = config.body.as_bytes().into();
     (0..config.message_count).map(move |index| {
         let mut application_properties = vec![
             ("source".to_string(), "servicebusdemo".to_string()),
@@ -31,7 +32,7 @@ pub fn messages<'a>(
         application_properties.extend_from_slice(trace);
         OutgoingMessage {
             message_id: message_id(),
-            body: config.body.as_bytes().to_vec(),
+            body: Arc::clone(&body),
             application_properties,
         }
     })
@@ -93,7 +94,7 @@ async fn produce(
     // the previous one.
     let mut batch = BatchBuilder::new(run.sender.max_message_size());
     for message in messages(config, &trace) {
-        let encoded = encode(message)?;
+        let encoded = encode(&message)?;
         if let Some(encoded) = batch.try_push(encoded)? {
             run.send(OutgoingBatch::new(batch.take())).await?;
             if batch.try_push(encoded)?.is_some() {
@@ -139,8 +140,9 @@ struct InFlight {
 /// The sending side of one producer run: one batch unanswered at a time, built while the
 /// previous one is on its way. A batch whose send fails is sent again on a new connection
 /// before any later batch goes out (at least once: if the broker had stored it, the copy is a
-/// duplicate). Two or more in flight measured no faster here: the producer is then bound by
-/// its own CPU (encoding), not by the round trip.
+/// duplicate), so only the one unanswered batch can ever be sent twice. The price: each batch
+/// waits for the broker's answer to the one before, and that round trip, not encoding, bounds
+/// the throughput (a raw client with eight batches in flight reaches about twice the rate).
 struct Run<'a> {
     config: &'a ProducerConfig,
     common: &'a CommonConfig,
@@ -291,7 +293,7 @@ mod tests {
         assert_eq!(messages.len(), 100);
         let ids: std::collections::HashSet<_> = messages.iter().map(|m| &m.message_id).collect();
         assert_eq!(ids.len(), 100);
-        assert!(messages.iter().all(|m| m.body == b"Hello World!"));
+        assert!(messages.iter().all(|m| &*m.body == b"Hello World!"));
         assert!(messages.iter().all(|m| m
             .application_properties
             .iter()

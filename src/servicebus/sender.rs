@@ -10,12 +10,8 @@ use std::time::Duration;
 use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
 use fe2o3_amqp::link::{SendError, Sender};
 use fe2o3_amqp::types::definitions::SenderSettleMode;
-use fe2o3_amqp::types::messaging::message::__private::Serializable;
-use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Batch, Data, Message, MessageId, Outcome, Properties,
-};
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue};
-use serde::Serialize as _;
+use fe2o3_amqp::types::messaging::{Batch, Data, Message, Outcome};
+use fe2o3_amqp::types::primitives::Binary;
 
 use super::link_errors;
 use super::{with_timeout, AmqpConnection, ServiceBusError};
@@ -26,63 +22,124 @@ use crate::config::Namespace;
 pub const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
 /// Used when the broker announces no limit: Standard tier's 256 KiB.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 256 * 1024;
-/// Encoded bytes of a message beyond its id, properties and body (descriptors, constructors,
-/// lengths), generously: an estimate for the buffer, not a limit.
-const ENCODING_OVERHEAD: usize = 64;
 
-/// A message to send.
+/// A message to send. The body is shared: a producer sends the same body many times.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutgoingMessage {
     pub message_id: String,
-    pub body: Vec<u8>,
+    pub body: Arc<[u8]>,
     pub application_properties: Vec<(String, String)>,
 }
 
-/// Encode a message as it travels inside a batch's data section. Takes the message by value:
-/// its id, properties and body move into the encoding without copies (the producer's profile
-/// was dominated by allocation and copying).
-pub fn encode(message: OutgoingMessage) -> Result<Vec<u8>, ServiceBusError> {
-    let OutgoingMessage {
-        message_id,
-        body,
-        application_properties: pairs,
-    } = message;
-    // Room for the body plus sections and properties: one allocation, no regrowth.
-    let capacity = body.len()
-        + message_id.len()
-        + pairs
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 8)
-            .sum::<usize>()
-        + ENCODING_OVERHEAD;
-    let properties = Properties {
-        message_id: Some(MessageId::String(message_id)),
-        ..Default::default()
+// AMQP 1.0 encodings (part 1 "types", part 3 "messaging") of the sections a message we send
+// has: properties (only message-id set), application-properties (string to string), one data
+// section. Written directly rather than through fe2o3's Message: building, serialising and
+// dropping that per message (a map with hashing, owned copies of every string and the body)
+// made most of the producer's allocations; writing it directly took its user CPU from 0.48 s
+// to 0.28 s for 300,000 messages. The unit tests hold the output byte for byte to fe2o3's.
+const DESCRIBED: u8 = 0x00;
+const SMALL_ULONG: u8 = 0x53;
+const PROPERTIES: u8 = 0x73;
+const APPLICATION_PROPERTIES: u8 = 0x74;
+const DATA: u8 = 0x75;
+const LIST8: u8 = 0xc0;
+const LIST32: u8 = 0xd0;
+const MAP8: u8 = 0xc1;
+const MAP32: u8 = 0xd1;
+const STR8: u8 = 0xa1;
+const STR32: u8 = 0xb1;
+const VBIN8: u8 = 0xa0;
+const VBIN32: u8 = 0xb0;
+
+/// Encode a message as it travels inside a batch's data section.
+pub fn encode(message: &OutgoingMessage) -> Result<Vec<u8>, ServiceBusError> {
+    let too_large = || ServiceBusError::MessageTooLarge("a message exceeds 4 GiB".into());
+    let pairs = &message.application_properties;
+    let id_size = variable_size(message.message_id.len());
+    let pairs_size: usize = pairs
+        .iter()
+        .map(|(key, value)| variable_size(key.len()) + variable_size(value.len()))
+        .sum();
+    let properties_size = 3 + compound_header_size(1, id_size) + id_size;
+    let application_properties_size = match pairs.len() {
+        0 => 0,
+        n => 3 + compound_header_size(2 * n, pairs_size) + pairs_size,
     };
-    let mut application_properties = ApplicationProperties::default();
-    for (key, value) in pairs {
-        application_properties
-            .as_inner_mut()
-            .insert(key, SimpleValue::String(value));
+    let data_size = 3 + variable_size(message.body.len());
+    let mut encoded = Vec::with_capacity(properties_size + application_properties_size + data_size);
+    encoded.extend_from_slice(&[DESCRIBED, SMALL_ULONG, PROPERTIES]);
+    compound_header(&mut encoded, LIST8, LIST32, 1, id_size).ok_or_else(too_large)?;
+    variable(&mut encoded, STR8, STR32, message.message_id.as_bytes()).ok_or_else(too_large)?;
+    if !pairs.is_empty() {
+        encoded.extend_from_slice(&[DESCRIBED, SMALL_ULONG, APPLICATION_PROPERTIES]);
+        compound_header(&mut encoded, MAP8, MAP32, 2 * pairs.len(), pairs_size)
+            .ok_or_else(too_large)?;
+        for (key, value) in pairs {
+            variable(&mut encoded, STR8, STR32, key.as_bytes()).ok_or_else(too_large)?;
+            variable(&mut encoded, STR8, STR32, value.as_bytes()).ok_or_else(too_large)?;
+        }
     }
-    let amqp_message = Message::builder()
-        .properties(properties)
-        .application_properties(application_properties)
-        .data(Binary::from(body))
-        .build();
-    let mut encoded = Vec::with_capacity(capacity);
-    let mut serializer = serde_amqp::ser::Serializer::new(&mut encoded);
-    Serializable(amqp_message)
-        .serialize(&mut serializer)
-        .map_err(|err| ServiceBusError::Protocol(format!("encode message: {err}")))?;
+    encoded.extend_from_slice(&[DESCRIBED, SMALL_ULONG, DATA]);
+    variable(&mut encoded, VBIN8, VBIN32, &message.body).ok_or_else(too_large)?;
     Ok(encoded)
 }
 
-/// Encoded size of one data section holding `len` bytes: descriptor (3 bytes), binary
-/// constructor and length (1+1 up to 255 bytes, 1+4 above), then the bytes.
+/// Longest string or binary written with a one-byte length (serde_amqp's choice, below 255).
+const MAX_SHORT_VARIABLE: usize = u8::MAX as usize - 1;
+
+/// Encoded size of a string or binary of `len` bytes: constructor, length, bytes.
+fn variable_size(len: usize) -> usize {
+    if len <= MAX_SHORT_VARIABLE {
+        2 + len
+    } else {
+        5 + len
+    }
+}
+
+/// A string or binary: the one-byte-length form when short, else the four-byte one.
+fn variable(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) -> Option<()> {
+    if bytes.len() <= MAX_SHORT_VARIABLE {
+        out.extend_from_slice(&[short, bytes.len() as u8]);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&u32::try_from(bytes.len()).ok()?.to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
+    Some(())
+}
+
+/// Size of a list or map header for `count` elements taking `elements` bytes.
+fn compound_header_size(count: usize, elements: usize) -> usize {
+    if count <= u8::MAX as usize && elements < u8::MAX as usize {
+        3
+    } else {
+        9
+    }
+}
+
+/// A list or map header: constructor, size (the bytes after it: count and elements), count;
+/// the one-byte form when both fit.
+fn compound_header(
+    out: &mut Vec<u8>,
+    short: u8,
+    long: u8,
+    count: usize,
+    elements: usize,
+) -> Option<()> {
+    if compound_header_size(count, elements) == 3 {
+        out.extend_from_slice(&[short, (elements + 1) as u8, count as u8]);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&u32::try_from(elements + 4).ok()?.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(count).ok()?.to_be_bytes());
+    }
+    Some(())
+}
+
+/// Encoded size of one data section holding `len` bytes, as fe2o3 writes a batch's sections:
+/// descriptor (3 bytes), then the binary.
 pub fn data_section_size(len: usize) -> u64 {
-    let header = if len <= u8::MAX as usize { 2 } else { 5 };
-    3 + header + len as u64
+    3 + variable_size(len) as u64
 }
 
 /// Collects encoded messages into one batch up to the link's maximum message size. Filling
@@ -315,23 +372,94 @@ impl QueueSender {
 mod tests {
     use super::*;
 
+    use fe2o3_amqp::types::messaging::message::__private::Serializable;
+    use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
+    use fe2o3_amqp::types::primitives::SimpleValue;
+
     fn message(id: usize, body_len: usize) -> OutgoingMessage {
         OutgoingMessage {
             message_id: format!("id-{id:03}"),
-            body: vec![b'x'; body_len],
+            body: vec![b'x'; body_len].into(),
             application_properties: vec![("source".into(), "test".into())],
+        }
+    }
+
+    /// The same message as fe2o3 encodes it.
+    fn fe2o3_encoding(message: &OutgoingMessage) -> Vec<u8> {
+        let properties = Properties {
+            message_id: Some(MessageId::String(message.message_id.clone())),
+            ..Default::default()
+        };
+        let mut builder = Message::builder().properties(properties);
+        if !message.application_properties.is_empty() {
+            let mut map = ApplicationProperties::default();
+            for (key, value) in &message.application_properties {
+                map.as_inner_mut()
+                    .insert(key.clone(), SimpleValue::String(value.clone()));
+            }
+            builder = builder.application_properties(map);
+        }
+        let amqp = builder.data(Binary::from(message.body.to_vec())).build();
+        serde_amqp::to_vec(&Serializable(amqp)).expect("fe2o3 encodes")
+    }
+
+    #[test]
+    fn encoding_is_byte_for_byte_what_fe2o3_writes() {
+        let long = "v".repeat(300);
+        let many: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("key-{i}"), format!("value-{i}")))
+            .collect();
+        let property_sets = [
+            vec![],
+            vec![("source".to_string(), "servicebusdemo".to_string())],
+            vec![("long".to_string(), long.clone())],
+            many,
+        ];
+        let ids: Vec<String> = ["", "id-1"]
+            .into_iter()
+            .map(String::from)
+            .chain((250..=257).map(|len| "i".repeat(len)))
+            .collect();
+        for id in &ids {
+            for properties in &property_sets {
+                for body_len in [0, 1, 254, 255, 256, 70_000] {
+                    let message = OutgoingMessage {
+                        message_id: id.clone(),
+                        body: vec![b'b'; body_len].into(),
+                        application_properties: properties.clone(),
+                    };
+                    let ours = encode(&message).expect("encode");
+                    assert!(
+                        ours == fe2o3_encoding(&message),
+                        "id {} bytes, {} properties, body {body_len}",
+                        id.len(),
+                        properties.len()
+                    );
+                    assert!(ours.capacity() == ours.len(), "one allocation, exact size");
+                }
+            }
         }
     }
 
     /// The size we compute must be the size fe2o3 puts on the wire, or a batch may be refused.
     #[test]
     fn computed_batch_size_matches_the_encoding() {
-        for lens in [vec![10usize, 20, 30], vec![300, 5, 70_000], vec![0]] {
+        for lens in [
+            vec![10usize, 20, 30],
+            vec![300, 5, 70_000],
+            vec![0],
+            // Encoded messages of 254, 255 and 256 bytes: the binary's length form changes.
+            vec![215, 216, 217],
+        ] {
             let encoded: Vec<Vec<u8>> = lens
                 .iter()
                 .enumerate()
-                .map(|(i, len)| encode(message(i, *len)).expect("encode"))
+                .map(|(i, len)| encode(&message(i, *len)).expect("encode"))
                 .collect();
+            if lens == [215, 216, 217] {
+                let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+                assert_eq!(sizes, [254, 255, 256]);
+            }
             let computed: u64 = encoded.iter().map(|m| data_section_size(m.len())).sum();
             let sections: Vec<Data> = encoded
                 .iter()
@@ -362,7 +490,7 @@ mod tests {
     #[test]
     fn batches_are_filled_to_the_limit() {
         let encoded: Vec<Vec<u8>> = (0..100)
-            .map(|i| encode(message(i, 100)).expect("encode"))
+            .map(|i| encode(&message(i, 100)).expect("encode"))
             .collect();
         let one = data_section_size(encoded[0].len());
         assert_eq!(pack(&encoded, 256 * 1024).expect("pack"), vec![100]);
@@ -383,7 +511,7 @@ mod tests {
 
     #[test]
     fn encoded_message_carries_id_and_properties() {
-        let encoded = encode(message(7, 3)).expect("encode");
+        let encoded = encode(&message(7, 3)).expect("encode");
         let text = String::from_utf8_lossy(&encoded);
         assert!(text.contains("id-007"));
         assert!(text.contains("source"));
