@@ -5,6 +5,7 @@
 //! ids; if the broker had in fact stored it before the connection dropped, the queue's
 //! duplicate detection (when enabled) recognises the ids. Delivery is at least once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -86,12 +87,11 @@ async fn produce(
         credentials: &credentials,
         metrics: &metrics,
         sender,
-        in_flight: None,
+        in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
         progress: Progress::default(),
     };
-    // Messages are built and encoded as the batches fill, so memory stays at two batches
-    // however many messages are asked for; the next batch is built while the broker stores
-    // the previous one.
+    // Messages are built and encoded as the batches fill, so memory stays at the batches in
+    // flight plus the one being built however many messages are asked for.
     let mut batch = BatchBuilder::new(run.sender.max_message_size());
     for message in messages(config, &trace) {
         let encoded = encode(&message)?;
@@ -137,26 +137,32 @@ struct InFlight {
     span: tracing::Span,
 }
 
-/// The sending side of one producer run: one batch unanswered at a time, built while the
-/// previous one is on its way. A batch whose send fails is sent again on a new connection
-/// before any later batch goes out (at least once: if the broker had stored it, the copy is a
-/// duplicate), so only the one unanswered batch can ever be sent twice. The price: each batch
-/// waits for the broker's answer to the one before, and that round trip, not encoding, bounds
-/// the throughput (a raw client with eight batches in flight reaches about twice the rate).
+/// The sending side of one producer run: up to MAX_IN_FLIGHT batches handed to the link
+/// without their answers, the next one built meanwhile. When an answer says the send failed
+/// (or the connection is gone), that batch and every later one in flight are sent again, in
+/// order, on a new connection (at least once: a batch the broker had stored becomes a
+/// duplicate). So the duplicates a lost connection can cause are bounded by what was in flight.
 struct Run<'a> {
     config: &'a ProducerConfig,
     common: &'a CommonConfig,
     credentials: &'a Arc<Credentials>,
     metrics: &'a Arc<Metrics>,
     sender: QueueSender,
-    in_flight: Option<InFlight>,
+    in_flight: VecDeque<InFlight>,
     progress: Progress,
 }
 
+/// Batches handed over before the oldest answer is awaited. One alone left the link idle
+/// while the broker answered; two measured a third more throughput (10,000 messages, medians
+/// of three runs against sblocal: 475,000 -> 640,000 msg/s), four no more than two.
+const MAX_IN_FLIGHT: usize = 2;
+
 impl Run<'_> {
-    /// Wait for the previous batch's answer, then hand this one over without waiting.
+    /// Hand this batch over once fewer than MAX_IN_FLIGHT are unanswered.
     async fn send(&mut self, batch: OutgoingBatch) -> Result<(), ServiceBusError> {
-        self.finish().await?;
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.finish_oldest().await?;
+        }
         let span = tracing::info_span!(
             "send batch",
             queue = self.config.queue.as_str(),
@@ -168,7 +174,7 @@ impl Run<'_> {
             .start_send(&batch)
             .instrument(span.clone())
             .await;
-        self.in_flight = Some(InFlight {
+        self.in_flight.push_back(InFlight {
             batch,
             pending,
             started,
@@ -177,15 +183,23 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Read the answer for the batch in flight (if any), resending it after a transient
-    /// failure, and count it.
+    /// Read every answer still to come.
     async fn finish(&mut self) -> Result<(), ServiceBusError> {
+        while !self.in_flight.is_empty() {
+            self.finish_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Read the oldest batch's answer and count it. After a failure, it and the later batches
+    /// in flight (their link went with the connection) are sent again on a new connection.
+    async fn finish_oldest(&mut self) -> Result<(), ServiceBusError> {
         let Some(InFlight {
             batch,
             pending,
             started,
             span,
-        }) = self.in_flight.take()
+        }) = self.in_flight.pop_front()
         else {
             return Ok(());
         };
@@ -196,7 +210,27 @@ impl Run<'_> {
         };
         if let Err(err) = answered {
             self.resend(&batch, err).instrument(span).await?;
+            self.count(&batch, started);
+            for later in std::mem::take(&mut self.in_flight) {
+                tracing::info!(
+                    messages = later.batch.messages(),
+                    "resending a batch that was in flight on the lost connection"
+                );
+                let sent = self.sender.send_batch(&later.batch).await;
+                if let Err(err) = sent {
+                    self.resend(&later.batch, err)
+                        .instrument(later.span)
+                        .await?;
+                }
+                self.count(&later.batch, later.started);
+            }
+            return Ok(());
         }
+        self.count(&batch, started);
+        Ok(())
+    }
+
+    fn count(&mut self, batch: &OutgoingBatch, started: Instant) {
         let queue = self.config.queue.as_str();
         let messages = batch.messages() as u64;
         self.metrics.observe_send(queue, started.elapsed());
@@ -204,7 +238,6 @@ impl Run<'_> {
         self.progress.sent += messages;
         self.progress.batches += 1;
         tracing::info!(queue, "Sent {} messages", self.progress.sent);
-        Ok(())
     }
 
     /// After a failed send: while the failure is transient and attempts are left, send the
