@@ -211,17 +211,20 @@ enum AfterFailure {
 
 /// After a failed refresh: retry transient failures in REFRESH_RETRY, or sooner (half of
 /// what is left, at least MIN_REFRESH_RETRY) when the current token would lapse first, so a
-/// short-lived token is replaced before the broker stops the links.
+/// short-lived token is replaced before the broker stops the links. Once it has lapsed there
+/// is nothing left to save by hurrying.
 fn after_failure(err: &ServiceBusError, current_token_left: Duration) -> AfterFailure {
-    if err.is_transient() {
-        AfterFailure::RetryIn(
-            REFRESH_RETRY
-                .min(current_token_left / 2)
-                .max(MIN_REFRESH_RETRY),
-        )
-    } else {
-        AfterFailure::GiveUp
+    if !err.is_transient() {
+        return AfterFailure::GiveUp;
     }
+    if current_token_left.is_zero() {
+        return AfterFailure::RetryIn(REFRESH_RETRY);
+    }
+    AfterFailure::RetryIn(
+        REFRESH_RETRY
+            .min(current_token_left / 2)
+            .max(MIN_REFRESH_RETRY),
+    )
 }
 
 async fn refresh_loop(
@@ -328,6 +331,7 @@ mod tests {
         assert_eq!(retry_in(60_000), REFRESH_RETRY);
         assert_eq!(retry_in(4_000), Duration::from_secs(2));
         assert_eq!(retry_in(100), MIN_REFRESH_RETRY);
-        assert_eq!(retry_in(0), MIN_REFRESH_RETRY);
+        // Lapsed already: back to the normal pace.
+        assert_eq!(retry_in(0), REFRESH_RETRY);
     }
 }
