@@ -191,6 +191,40 @@ fn finish(mut child: Child, logs: LogStream, captured: &mut Captured) -> Option<
 }
 
 /// `GET path` on a metrics address.
+/// Send `count` messages with a producer run, then read the consumer's log until it has
+/// received that many more.
+fn produce_and_receive(
+    env: &HashMap<String, String>,
+    consumer: &mut Child,
+    logs: &LogStream,
+    captured: &mut Captured,
+    count: u64,
+) {
+    let count_text = count.to_string();
+    let output = run_demo(
+        env,
+        &[
+            ("OPERATION_MODE", "producer"),
+            ("MESSAGE_COUNT", count_text.as_str()),
+        ],
+    );
+    assert_success(&output);
+    let mut received = 0;
+    read_until(consumer, logs, captured, |line| {
+        if line.contains("Received message: ") {
+            received += 1;
+        }
+        received == count
+    });
+}
+
+/// AMQP connections the broker has accepted so far.
+fn amqp_connections(broker: &Broker) -> u64 {
+    broker.stats()["amqp_connections"]
+        .as_u64()
+        .expect("connections")
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     let (_, response) = metrics_get(addr, path);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -466,18 +500,7 @@ fn refused_connections_are_retried_with_jittered_backoff_and_counted() {
             panic!("refusal window never ended:\n{}", captured.text());
         }
     }
-    let producer = run_demo(
-        &env,
-        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "3")],
-    );
-    assert_success(&producer);
-    let mut received = 0;
-    read_until(&mut consumer, &logs, &mut captured, |line| {
-        if line.contains("Received message: ") {
-            received += 1;
-        }
-        received == 3
-    });
+    produce_and_receive(&env, &mut consumer, &logs, &mut captured, 3);
     let addr = captured.metrics_addr().expect("metrics address logged");
     // Settlement of the last message may still be in flight.
     std::thread::sleep(Duration::from_millis(500));
@@ -547,19 +570,14 @@ fn server_busy_sends_back_off_without_a_tight_loop() {
     let window = env_number("RELIABILITY_BUSY_SECONDS", 3);
     let budget = max_retries_within(window * 1000) + 10;
     let env = with(&broker.emulator_env, &retry_env(budget));
-    let connections_before = broker.stats()["amqp_connections"]
-        .as_u64()
-        .expect("connections");
+    let connections_before = amqp_connections(&broker);
     broker.fault(&format!("/$admin/server-busy?seconds={window}"));
     let output = run_demo(
         &env,
         &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "5")],
     );
     assert_success(&output);
-    let connections = broker.stats()["amqp_connections"]
-        .as_u64()
-        .expect("connections")
-        - connections_before;
+    let connections = amqp_connections(&broker) - connections_before;
     let lines = log_lines(&output);
     let failures: Vec<serde_json::Value> = lines
         .iter()
@@ -639,32 +657,11 @@ fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
     // Send a message per lifetime; each must arrive, the last after all lifetimes passed.
     let run_started = Instant::now();
-    let mut received = 0;
-    for wave in 1..=lifetimes {
-        let output = run_demo(
-            &env,
-            &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")],
-        );
-        assert_success(&output);
-        read_until(&mut consumer, &logs, &mut captured, |line| {
-            if line.contains("Received message: ") {
-                received += 1;
-            }
-            received == wave
-        });
+    for _ in 0..lifetimes {
+        produce_and_receive(&env, &mut consumer, &logs, &mut captured, 1);
         std::thread::sleep(Duration::from_secs(lifetime));
     }
-    let output = run_demo(
-        &env,
-        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")],
-    );
-    assert_success(&output);
-    read_until(&mut consumer, &logs, &mut captured, |line| {
-        if line.contains("Received message: ") {
-            received += 1;
-        }
-        received == lifetimes + 1
-    });
+    produce_and_receive(&env, &mut consumer, &logs, &mut captured, 1);
     let elapsed = run_started.elapsed();
     let addr = captured.metrics_addr().expect("metrics address logged");
     let body = http_get(&addr, "/metrics");
@@ -732,9 +729,7 @@ fn an_unanswered_token_refresh_is_retried_on_a_fresh_cbs_link() {
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("token accepted")
     });
-    let connections_before = broker.stats()["amqp_connections"]
-        .as_u64()
-        .expect("connections");
+    let connections_before = amqp_connections(&broker);
     broker.fault("/$admin/silent-cbs?seconds=600");
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("token refresh failed; retrying")
@@ -743,22 +738,8 @@ fn an_unanswered_token_refresh_is_retried_on_a_fresh_cbs_link() {
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("token refreshed")
     });
-    let connections_during = broker.stats()["amqp_connections"]
-        .as_u64()
-        .expect("connections")
-        - connections_before;
-    let output = run_demo(
-        &env,
-        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "3")],
-    );
-    assert_success(&output);
-    let mut received = 0;
-    read_until(&mut consumer, &logs, &mut captured, |line| {
-        if line.contains("Received message: ") {
-            received += 1;
-        }
-        received == 3
-    });
+    let connections_during = amqp_connections(&broker) - connections_before;
+    produce_and_receive(&env, &mut consumer, &logs, &mut captured, 3);
     terminate(&consumer);
     let code = finish(consumer, logs, &mut captured);
     assert_eq!(code, Some(0), "{}", captured.text());

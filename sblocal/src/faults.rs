@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 /// Switches flipped by `/$admin/*` routes.
 #[derive(Debug, Default)]
 pub struct Faults {
-    refuse_until: Mutex<Option<Instant>>,
+    refuse_connections: FaultWindow,
     /// Lifetime of newly issued access tokens in seconds; 0 = the configured default.
     token_lifetime_secs: AtomicU64,
 }
@@ -16,28 +16,17 @@ pub struct Faults {
 impl Faults {
     /// Refuse (accept and close at once) new AMQP connections for `duration`; zero ends it.
     pub fn refuse_connections_for(&self, duration: Duration) {
-        let until = (!duration.is_zero()).then(|| Instant::now() + duration);
-        *self.lock_refuse() = until;
+        self.refuse_connections.open_for(duration);
     }
 
     /// Whether new AMQP connections are refused right now.
     pub fn refusing_connections(&self) -> bool {
-        self.lock_refuse()
-            .is_some_and(|until| Instant::now() < until)
+        self.refuse_connections.is_open()
     }
 
-    /// Seconds left of the refusal window, for the stats route.
+    /// Time left of the refusal window, for the stats route.
     pub fn refusing_for(&self) -> Duration {
-        self.lock_refuse()
-            .map(|until| until.saturating_duration_since(Instant::now()))
-            .unwrap_or_default()
-    }
-
-    fn lock_refuse(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        // The guarded value is a plain Option; a panic elsewhere cannot leave it inconsistent.
-        self.refuse_until
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.refuse_connections.remaining()
     }
 
     /// Overrides the lifetime of tokens issued from now on; `None` restores the default.
@@ -51,6 +40,35 @@ impl Faults {
             0 => None,
             secs => Some(Duration::from_secs(secs)),
         }
+    }
+}
+
+/// A fault switched on until a deadline (the process layer's and the broker's switches).
+#[derive(Debug, Default)]
+pub struct FaultWindow {
+    until: Mutex<Option<Instant>>,
+}
+
+impl FaultWindow {
+    /// Open for `duration` from now; zero closes it.
+    pub fn open_for(&self, duration: Duration) {
+        *self.lock() = (!duration.is_zero()).then(|| Instant::now() + duration);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.lock().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Time left until it closes (zero when closed).
+    pub fn remaining(&self) -> Duration {
+        self.lock()
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A plain Option: a panic elsewhere cannot leave it inconsistent.
+        self.until.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -34,7 +34,7 @@ pub mod queue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 use crate::amqp::EngineConfig;
 use crate::auth::TokenValidator;
 use crate::config::QueueSpec;
+use crate::faults::FaultWindow;
 use connection::{BrokerConnection, ConnectionControl};
 use queue::Queue;
 
@@ -58,28 +59,6 @@ pub struct QueueStats {
     pub scheduled_messages: u64,
     /// Sum of the stored (encoded) message sizes, dead-lettered ones included.
     pub size_in_bytes: u64,
-}
-
-/// A fault switched on until a deadline.
-#[derive(Default)]
-struct FaultWindow {
-    until: Mutex<Option<Instant>>,
-}
-
-impl FaultWindow {
-    /// Open for `duration` from now; zero closes it.
-    fn open_for(&self, duration: Duration) {
-        *self.lock() = (!duration.is_zero()).then(|| Instant::now() + duration);
-    }
-
-    fn is_open(&self) -> bool {
-        self.lock().is_some_and(|until| Instant::now() < until)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        // A plain Option: a panic elsewhere cannot leave it inconsistent.
-        self.until.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// The in-memory Service Bus namespace.
