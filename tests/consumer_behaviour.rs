@@ -26,16 +26,12 @@ fn short_lock_config(dir: &std::path::Path, lock: &str) -> std::path::PathBuf {
     path
 }
 
-fn produce(broker: &Broker, queue: &str, count: &str) {
-    let output = run_demo(
+fn produce(broker: &Broker, queue: &str, count: u64) {
+    run_producer(
         &broker.emulator_env,
-        &[
-            ("OPERATION_MODE", "producer"),
-            ("MESSAGE_COUNT", count),
-            ("AZURE_SERVICEBUS_QUEUE_NAME", queue),
-        ],
+        count,
+        &[("AZURE_SERVICEBUS_QUEUE_NAME", queue)],
     );
-    assert_success(&output);
 }
 
 /// Processing (4 s) outlasts the lock (2 s): the consumer renews the lock through
@@ -46,7 +42,7 @@ fn long_processing_renews_the_lock() {
     let config = short_lock_config(config_dir.path(), "PT2S");
     let config = config.to_str().expect("utf-8 path");
     let broker = Broker::start_with(&["--config", config]);
-    produce(&broker, "short", "1");
+    produce(&broker, "short", 1);
     let output = run_demo(
         &broker.emulator_env,
         &[
@@ -80,7 +76,7 @@ fn long_processing_renews_the_lock() {
 fn completion_after_a_lost_lock_is_not_reported_and_the_message_returns() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &queue, "1");
+    produce(&broker, &queue, 1);
     let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
@@ -116,7 +112,7 @@ fn completion_after_a_lost_lock_is_not_reported_and_the_message_returns() {
 fn continuous_worker_serves_metrics_and_stops_on_sigterm() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &queue, "7");
+    produce(&broker, &queue, 7);
     let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
@@ -178,7 +174,7 @@ fn continuous_worker_serves_metrics_and_stops_on_sigterm() {
 fn prefetch_never_locks_more_than_still_wanted() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &queue, "10");
+    produce(&broker, &queue, 10);
     let (mut slow, slow_logs) = spawn_demo(
         &broker.emulator_env,
         &[
@@ -219,7 +215,7 @@ fn prefetch_never_locks_more_than_still_wanted() {
 fn sigterm_while_reconnecting_stops_cleanly() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &queue, "1");
+    produce(&broker, &queue, 1);
     let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[
@@ -252,7 +248,7 @@ fn sigterm_while_reconnecting_stops_cleanly() {
 fn sigterm_while_reconnecting_after_a_failed_settlement_stops_cleanly() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &queue, "1");
+    produce(&broker, &queue, 1);
     let (mut consumer, logs) = spawn_demo(
         &broker.emulator_env,
         &[

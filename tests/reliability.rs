@@ -200,15 +200,7 @@ fn produce_and_receive(
     captured: &mut Captured,
     count: u64,
 ) {
-    let count_text = count.to_string();
-    let output = run_demo(
-        env,
-        &[
-            ("OPERATION_MODE", "producer"),
-            ("MESSAGE_COUNT", count_text.as_str()),
-        ],
-    );
-    assert_success(&output);
+    run_producer(env, count, &[]);
     let mut received = 0;
     read_until(consumer, logs, captured, |line| {
         if line.contains("Received message: ") {

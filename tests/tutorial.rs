@@ -15,16 +15,8 @@ fn env_with(base: &HashMap<String, String>, extra: &[(&str, &str)]) -> HashMap<S
     env
 }
 
-fn produce(broker: &Broker, env: &HashMap<String, String>, count: u64) {
-    let count = count.to_string();
-    let output = run_demo(
-        env,
-        &[
-            ("OPERATION_MODE", "producer"),
-            ("MESSAGE_COUNT", count.as_str()),
-        ],
-    );
-    assert_success(&output);
+fn produce(env: &HashMap<String, String>, count: u64) {
+    let output = run_producer(env, count, &[]);
     let sent = log_lines(&output)
         .iter()
         .filter(|l| log_message(l) == format!("Sent {count} messages"))
@@ -35,7 +27,6 @@ fn produce(broker: &Broker, env: &HashMap<String, String>, count: u64) {
         "logs `Sent {count} messages`\n{}",
         describe(&output)
     );
-    let _ = broker;
 }
 
 /// The tutorial: the producer Job sends 100, KEDA starts 10 consumer Jobs with
@@ -44,7 +35,7 @@ fn produce(broker: &Broker, env: &HashMap<String, String>, count: u64) {
 fn tutorial_replay_producer_100_then_ten_consumers_of_ten() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &broker.emulator_env, 100);
+    produce(&broker.emulator_env, 100);
     assert_eq!(broker.counts(&queue), (100, 0));
 
     let consumers: Vec<_> = (0..10)
@@ -94,7 +85,7 @@ fn workload_identity_with_a_rotated_token_file() {
     let subject = "system:serviceaccount:default:servicebusdemo";
     std::fs::write(&token_file, broker.mint_token(subject, 6)).expect("write token");
 
-    produce(&broker, &env, 3);
+    produce(&env, 3);
     let mut consumer = demo_command(
         &env,
         &[
@@ -114,7 +105,7 @@ fn workload_identity_with_a_rotated_token_file() {
         consumer.try_wait().expect("poll").is_none(),
         "consumer still waiting for the rest"
     );
-    produce(&broker, &env, 3);
+    produce(&env, 3);
     let output = wait_output(consumer);
     assert_success(&output);
     assert_eq!(received_ids(&output).len(), 6, "{}", describe(&output));
@@ -138,7 +129,7 @@ fn failing_message_is_abandoned_then_dead_lettered_after_bounded_attempts() {
     let broker = Broker::start();
     let queue = broker.queue();
     let env = env_with(&broker.emulator_env, &[("MESSAGE_BODY", "poison pill")]);
-    produce(&broker, &env, 1);
+    produce(&env, 1);
     let output = run_demo(
         &broker.emulator_env,
         &[
@@ -188,7 +179,7 @@ fn failing_message_is_abandoned_then_dead_lettered_after_bounded_attempts() {
 fn sigterm_mid_consume_loses_nothing() {
     let broker = Broker::start();
     let queue = broker.queue();
-    produce(&broker, &broker.emulator_env, 20);
+    produce(&broker.emulator_env, 20);
     let mut consumer = demo_command(
         &broker.emulator_env,
         &[
@@ -277,7 +268,7 @@ fn dropped_connections_and_server_busy_are_retried() {
     .spawn()
     .expect("spawn consumer");
     let logs = LogStream::attach(&mut consumer);
-    produce(&broker, &broker.emulator_env, 5);
+    produce(&broker.emulator_env, 5);
     // Once the consumer has the first five, cut every connection and make sends fail.
     let mut lines = Vec::new();
     let mut received = 0;
@@ -458,7 +449,7 @@ fn sas_connection_string_over_tls_trusts_ssl_cert_file() {
             ("SSL_CERT_FILE", ca.as_str()),
         ],
     );
-    produce(&broker, &env, 3);
+    produce(&env, 3);
     let output = run_demo(
         &env,
         &[

@@ -195,6 +195,25 @@ fn decoders_never_panic_on_random_input() {
     }
 }
 
+/// Writes `input` to a fresh connection (`buffer` bytes of pipe), reads whatever comes back
+/// for `read_for`, then hangs up: the connection task must end on its own, without a panic.
+async fn feed_and_hang_up(broker: &Arc<Broker>, input: &[u8], buffer: usize, read_for: Duration) {
+    let (mut client, server) = tokio::io::duplex(buffer);
+    let serving = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.serve_connection(server).await })
+    };
+    let _ = client.write_all(input).await;
+    let mut sink = vec![0u8; 1 << 16];
+    let _ = tokio::time::timeout(read_for, client.read(&mut sink)).await;
+    drop(client);
+    let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "connection task panicked or hung"
+    );
+}
+
 #[tokio::test]
 async fn mutated_conversations_never_take_the_broker_down() {
     let broker = Broker::new(vec![QueueSpec::with_defaults("q")], Arc::new(AllowAll));
@@ -202,21 +221,7 @@ async fn mutated_conversations_never_take_the_broker_down() {
     let seed = valid_conversation();
     for _ in 0..iterations(300) {
         let input = mutate(&mut rng, &seed);
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let serving = {
-            let broker = broker.clone();
-            tokio::spawn(async move { broker.serve_connection(server).await })
-        };
-        let _ = client.write_all(&input).await;
-        // Read whatever comes back, then hang up: the connection task must end on its own.
-        let mut sink = vec![0u8; 1 << 16];
-        let _ = tokio::time::timeout(Duration::from_millis(20), client.read(&mut sink)).await;
-        drop(client);
-        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
-        assert!(
-            matches!(ended, Ok(Ok(()))),
-            "connection task panicked or hung"
-        );
+        feed_and_hang_up(&broker, &input, 1 << 16, Duration::from_millis(20)).await;
     }
     // And a well-formed conversation still works afterwards.
     let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -493,20 +498,7 @@ async fn random_performative_sequences_never_take_the_broker_down() {
             )
             .expect("encode");
         }
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let serving = {
-            let broker = broker.clone();
-            tokio::spawn(async move { broker.serve_connection(server).await })
-        };
-        let _ = client.write_all(&input).await;
-        let mut sink = vec![0u8; 1 << 16];
-        let _ = tokio::time::timeout(Duration::from_millis(5), client.read(&mut sink)).await;
-        drop(client);
-        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
-        assert!(
-            matches!(ended, Ok(Ok(()))),
-            "connection task panicked or hung"
-        );
+        feed_and_hang_up(&broker, &input, 1 << 20, Duration::from_millis(5)).await;
     }
     // Some random sends got through: the state machines were reached, not just the decoder.
     let stats = broker.queue_stats("q").expect("queue");

@@ -259,6 +259,19 @@ pub fn run_demo(env: &HashMap<String, String>, extra: &[(&str, &str)]) -> Output
     wait_output(child)
 }
 
+/// Run a producer that sends `count` messages (more settings in `extra`) and require success.
+pub fn run_producer(env: &HashMap<String, String>, count: u64, extra: &[(&str, &str)]) -> Output {
+    let count = count.to_string();
+    let mut settings = vec![
+        ("OPERATION_MODE", "producer"),
+        ("MESSAGE_COUNT", count.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let output = run_demo(env, &settings);
+    assert_success(&output);
+    output
+}
+
 pub fn wait_output(mut child: Child) -> Output {
     let started = Instant::now();
     loop {
