@@ -13,6 +13,7 @@
 #   BENCH_PRODUCER_COUNTS      messages per producer run      (default "10000 100000"; quick "2000 10000")
 #   BENCH_CONSUMER_COUNT       messages per consumer run      (default 10000; quick 2000)
 #   BENCH_PREFETCHES           consumer prefetch settings     (default "0 100")
+#   BENCH_ONE_CPU=0            skip the prefetch-0 rerun with broker and clients on one CPU
 #   BENCH_MESSAGE_SIZE         body bytes                     (default 1024)
 #   BENCH_REPEATS              throughput runs, median shown  (default 3; quick 1)
 #   BENCH_COLD_RUNS            cold-start runs, median shown  (default 5; quick 3)
@@ -143,6 +144,8 @@ rss_mb() { # a /usr/bin/time -f %M output file (KiB) -> MiB
 }
 
 declare -A R
+# Prefix for the measured client commands: empty, or a taskset that puts them on the broker's CPU.
+PIN=()
 next_log() { # KIND -> a fresh log path prefix (functions run in $(...), so no shared counter)
     mktemp "$WORK/$1.XXXXXX"
 }
@@ -156,7 +159,7 @@ raw_send() { # COUNT -> msg/s
 raw_receive() { # COUNT CREDIT -> msg/s
     local log
     log=$(next_log raw-receive)
-    with_env "$SAS_ENV" "$RAW" receive "$1" "$2" >"$log.out" 2>"$log.err" || die "raw receive failed: $(cat "$log.err")"
+    with_env "$SAS_ENV" "${PIN[@]}" "$RAW" receive "$1" "$2" >"$log.out" 2>"$log.err" || die "raw receive failed: $(cat "$log.err")"
     json_field "$log.out" per_second
 }
 fill() { # COUNT: put messages in the queue with the raw client
@@ -168,7 +171,7 @@ drain() { # COUNT: take them out again
 python_peer() { # MODE COUNT ARG -> msg/s; RSS in $WORK/last-python.rss
     local log
     log=$(next_log "python-$1")
-    with_env "$SAS_ENV" /usr/bin/time -f %M -o "$WORK/last-python.rss" \
+    with_env "$SAS_ENV" "${PIN[@]}" /usr/bin/time -f %M -o "$WORK/last-python.rss" \
         "$PYTHON" "$HELPERS/python_peer.py" "$1" "$2" "$3" >"$log.out" 2>"$log.err" ||
         die "python $1 failed: $(tail -n 5 "$log.err")"
     json_field "$log.out" per_second
@@ -185,7 +188,7 @@ ours_produce() { # COUNT -> msg/s (from the log: link open -> every message acce
 ours_consume() { # COUNT PREFETCH -> msg/s (first message received -> finished); RSS in $WORK/last-ours.rss
     local log seconds
     log=$(next_log consumer)
-    with_env "$SAS_ENV" env OPERATION_MODE=consumer MESSAGE_COUNT="$1" PREFETCH="$2" CONSUMER_IDLE_TIMEOUT=10s \
+    with_env "$SAS_ENV" "${PIN[@]}" env OPERATION_MODE=consumer MESSAGE_COUNT="$1" PREFETCH="$2" CONSUMER_IDLE_TIMEOUT=10s \
         RUST_LOG=info /usr/bin/time -f %M -o "$WORK/last-ours.rss" "$OURS" >"$log.out" 2>"$log.err" ||
         die "consumer failed: $(tail -n 5 "$log.err")"
     grep -q "completed=$1 " "$log.err" || die "consumer did not complete $1 messages: $(tail -n 3 "$log.err")"
@@ -221,25 +224,44 @@ done
 echo "raw receive ceiling..." >&2
 fill "$CONSUMER_COUNT"
 R[raw_receive]=$(raw_receive "$CONSUMER_COUNT" "$RAW_CREDIT")
-for prefetch in $PREFETCHES; do
-    echo "consumer, prefetch $prefetch (x$REPEATS)..." >&2
+measure_consumer() { # PREFETCH KEY: medians of ours, Python and raw at the same credit, in R[*_recv_KEY]
+    local prefetch=$1 key=$2 credit raw_runs=() ours_runs=() python_runs=()
     # The ceiling at the same credit: with prefetch 0 every message is a round trip.
     credit=$((prefetch > 0 ? prefetch : 1))
-    raw_runs=() ours_runs=() python_runs=()
     for _ in $(seq 1 "$REPEATS"); do
         fill "$CONSUMER_COUNT"
         raw_runs+=("$(raw_receive "$CONSUMER_COUNT" "$credit")")
         fill "$CONSUMER_COUNT"
         ours_runs+=("$(ours_consume "$CONSUMER_COUNT" "$prefetch")")
-        R[ours_recv_rss]=$(rss_mb "$WORK/last-ours.rss")
+        R[ours_recv_rss_$key]=$(rss_mb "$WORK/last-ours.rss")
         fill "$CONSUMER_COUNT"
         python_runs+=("$(python_peer receive "$CONSUMER_COUNT" "$prefetch")")
-        R[py_recv_rss]=$(rss_mb "$WORK/last-python.rss")
+        R[py_recv_rss_$key]=$(rss_mb "$WORK/last-python.rss")
     done
-    R[raw_recv_$prefetch]=$(median_of "${raw_runs[@]}")
-    R[ours_recv_$prefetch]=$(median_of "${ours_runs[@]}")
-    R[py_recv_$prefetch]=$(median_of "${python_runs[@]}")
+    R[raw_recv_$key]=$(median_of "${raw_runs[@]}")
+    R[ours_recv_$key]=$(median_of "${ours_runs[@]}")
+    R[py_recv_$key]=$(median_of "${python_runs[@]}")
+}
+for prefetch in $PREFETCHES; do
+    echo "consumer, prefetch $prefetch (x$REPEATS)..." >&2
+    measure_consumer "$prefetch" "$prefetch"
 done
+# At prefetch 0 every message is a round trip through two sleeping processes. On a virtual
+# machine, waking a process on another vCPU goes through the hypervisor, and that cost (the
+# same for every client) dominates the round trip. Rerun with the broker and each client on
+# one CPU, where a wake-up is a local switch: what remains is what the clients themselves do.
+ONE_CPU=""
+if [[ "${BENCH_ONE_CPU:-1}" == 1 && " $PREFETCHES " == *" 0 "* ]] && command -v taskset >/dev/null && (($(nproc) > 1)); then
+    ONE_CPU=0
+fi
+if [[ -n "$ONE_CPU" ]]; then
+    echo "consumer, prefetch 0, broker and clients on CPU $ONE_CPU (x$REPEATS)..." >&2
+    taskset -a -p -c "$ONE_CPU" "${PIDS[0]}" >/dev/null
+    PIN=(taskset -c "$ONE_CPU")
+    measure_consumer 0 one_cpu
+    PIN=()
+    taskset -a -p -c "0-$(($(nproc) - 1))" "${PIDS[0]}" >/dev/null
+fi
 
 # --- cold start (workload identity: token file -> token endpoint -> $cbs over TLS) -----------
 echo "cold start..." >&2
@@ -339,6 +361,12 @@ for prefetch in $PREFETCHES; do
         "$(thousands "$ours")" "$(thousands "${R[py_recv_$prefetch]}")" "$(thousands "${R[raw_recv_$prefetch]}")" \
         "$(ratio "$ours" "${R[py_recv_$prefetch]}")" "$(percent "$ours" "${R[raw_recv_$prefetch]}")"
 done
+if [[ -n "$ONE_CPU" ]]; then
+    ours=${R[ours_recv_one_cpu]}
+    row "consumer receive+complete, prefetch 0, broker and client on one CPU (msg/s, median of $REPEATS)" \
+        "$(thousands "$ours")" "$(thousands "${R[py_recv_one_cpu]}")" "$(thousands "${R[raw_recv_one_cpu]}")" \
+        "$(ratio "$ours" "${R[py_recv_one_cpu]}")" "$(percent "$ours" "${R[raw_recv_one_cpu]}")"
+fi
 row "broker ceiling out: raw receive+complete, credit $RAW_CREDIT (msg/s)" "-" "-" "$(thousands "${R[raw_receive]}")" "-" "-"
 row "cold start producer: exec -> first message accepted (ms, median of $COLD_RUNS, workload identity)" \
     "${R[cold_producer]}" "-" "-" "-" "-"
@@ -346,8 +374,9 @@ row "cold start consumer: exec -> first message completed (ms, median of $COLD_R
     "${R[cold_consumer]}" "-" "-" "-" "-"
 row "peak RSS producer (MB, last producer run, SAS)" "${R[ours_send_rss]}" "${R[py_send_rss]}" "-" \
     "$(ratio "${R[ours_send_rss]}" "${R[py_send_rss]}")" "-"
-row "peak RSS consumer (MB, last consumer run, SAS)" "${R[ours_recv_rss]}" "${R[py_recv_rss]}" "-" \
-    "$(ratio "${R[ours_recv_rss]}" "${R[py_recv_rss]}")" "-"
+last_prefetch=${PREFETCHES##* }
+row "peak RSS consumer (MB, prefetch $last_prefetch, SAS)" "${R[ours_recv_rss_$last_prefetch]}" "${R[py_recv_rss_$last_prefetch]}" "-" \
+    "$(ratio "${R[ours_recv_rss_$last_prefetch]}" "${R[py_recv_rss_$last_prefetch]}")" "-"
 row "peak RSS producer / consumer (MB, workload identity over TLS, $(thousands "$count") msgs)" \
     "${R[ours_send_rss_wi]} / ${R[ours_recv_rss_wi]}" "-" "-" "-" "-"
 row "release binary size (as built / stripped)" "$(mb "${R[size]}") / $(mb "${R[size_stripped]:-}")" "-" "-" "-" "-"

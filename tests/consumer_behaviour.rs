@@ -7,23 +7,12 @@ use std::time::Duration;
 
 use common::*;
 
-/// An emulator Config.json with one queue `short` whose lock lasts `lock`.
-fn short_lock_config(dir: &std::path::Path, lock: &str) -> std::path::PathBuf {
-    let config = serde_json::json!({
-        "UserConfig": {
-            "Namespaces": [{
-                "Name": "sbemulatorns",
-                "Queues": [{
-                    "Name": "short",
-                    "Properties": { "LockDuration": lock, "MaxDeliveryCount": 10 }
-                }]
-            }],
-            "Logging": { "Type": "File" }
-        }
-    });
-    let path = dir.join("Config.json");
-    std::fs::write(&path, config.to_string()).expect("write config");
-    path
+/// A broker with one queue `short` whose lock lasts `lock`.
+fn broker_with_short_lock(lock: &str) -> Broker {
+    Broker::with_queues(&[(
+        "short",
+        serde_json::json!({ "LockDuration": lock, "MaxDeliveryCount": 10 }),
+    )])
 }
 
 fn produce(broker: &Broker, queue: &str, count: u64) {
@@ -38,10 +27,7 @@ fn produce(broker: &Broker, queue: &str, count: u64) {
 /// `$management`, so the message is completed once and never redelivered.
 #[test]
 fn long_processing_renews_the_lock() {
-    let config_dir = tempfile::tempdir().expect("temp dir");
-    let config = short_lock_config(config_dir.path(), "PT2S");
-    let config = config.to_str().expect("utf-8 path");
-    let broker = Broker::start_with(&["--config", config]);
+    let broker = broker_with_short_lock("PT2S");
     produce(&broker, "short", 1);
     let output = run_demo(
         &broker.emulator_env,

@@ -52,25 +52,12 @@ fn with(base: &HashMap<String, String>, extra: &[(String, String)]) -> HashMap<S
 
 /// A broker with one queue `rel` whose lock is short (so messages locked by a dropped link
 /// return soon) and whose delivery limit is high (so repeated drops never dead-letter).
-fn broker_with_short_locks() -> (Broker, tempfile::TempDir) {
+fn broker_with_short_locks() -> Broker {
     let lock = env_text("RELIABILITY_LOCK_DURATION", "PT3S");
-    let config = serde_json::json!({
-        "UserConfig": {
-            "Namespaces": [{
-                "Name": "sbemulatorns",
-                "Queues": [{
-                    "Name": "rel",
-                    "Properties": { "LockDuration": lock, "MaxDeliveryCount": 50 }
-                }]
-            }],
-            "Logging": { "Type": "File" }
-        }
-    });
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("Config.json");
-    std::fs::write(&path, config.to_string()).expect("write config");
-    let broker = Broker::start_with(&["--config", path.to_str().expect("utf-8 path")]);
-    (broker, dir)
+    Broker::with_queues(&[(
+        "rel",
+        serde_json::json!({ "LockDuration": lock, "MaxDeliveryCount": 50 }),
+    )])
 }
 
 /// Everything a child printed, as it came, plus the JSON lines parsed.
@@ -218,9 +205,9 @@ fn amqp_connections(broker: &Broker) -> u64 {
 }
 
 fn http_get(addr: &str, path: &str) -> String {
-    let (_, response) = metrics_get(addr, path);
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    let (status, body) = metrics_get(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
 }
 
 /// The value of the first sample whose line starts with `prefix` (name plus labels).
@@ -322,7 +309,7 @@ fn assert_no_timeouts(captured: &Captured) {
 /// messages that were in flight at a drop.
 #[test]
 fn dropped_connections_mid_produce_and_mid_consume_lose_nothing() {
-    let (broker, _config_dir) = broker_with_short_locks();
+    let broker = broker_with_short_locks();
     let messages = env_number("RELIABILITY_MESSAGES", 2000);
     let env = with(&broker.emulator_env, &retry_env(20));
 
@@ -626,9 +613,10 @@ fn server_busy_sends_back_off_without_a_tight_loop() {
     );
 }
 
-/// Access tokens live only a few seconds (switched on mid-run through the broker's route)
-/// while a workload-identity consumer runs several lifetimes: CBS re-authorisation keeps its
-/// link authorised, so messages sent at the end are still delivered.
+/// Access tokens live only a few seconds (set through the broker's route before the consumer
+/// starts, so its first token is short too) while a workload-identity consumer runs several
+/// lifetimes: CBS re-authorisation keeps its link authorised, so messages sent at the end are
+/// still delivered.
 #[test]
 fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     let broker = Broker::start();
@@ -636,17 +624,16 @@ fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     let lifetime = env_number("RELIABILITY_TOKEN_LIFETIME_SECONDS", 3);
     let lifetimes = env_number("RELIABILITY_TOKEN_LIFETIMES", 4);
     let env = broker.workload_env.clone();
+    let issued_before = broker.stats()["tokens_issued"].as_u64().expect("issued");
+    broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
     let (mut consumer, logs) = spawn_demo(
         &env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
     );
     let mut captured = Captured::new();
-    // Once connected with a normal token, shorten the lifetime of every token issued next.
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("metrics address")
     });
-    let issued_before = broker.stats()["tokens_issued"].as_u64().expect("issued");
-    broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
     // Send a message per lifetime; each must arrive, the last after all lifetimes passed.
     let run_started = Instant::now();
     for _ in 0..lifetimes {

@@ -4,14 +4,16 @@
 //!
 //! Needs the workspace binaries (`cargo test --workspace` builds them).
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
+
+mod common;
+
+use common::{demo_command, run_producer, Broker, LogStream};
 
 mod proto {
     tonic::include_proto!("externalscaler");
@@ -24,9 +26,9 @@ const QUEUE: &str = "orders";
 /// A second queue the scaler does not poll in the background: only gRPC calls fetch it.
 const UNPOLLED_QUEUE: &str = "burst";
 
-fn workspace_binary(name: &str) -> PathBuf {
-    let ours = Path::new(env!("CARGO_BIN_EXE_servicebusdemo"));
-    let path = ours.with_file_name(name);
+/// `kedasim`, built beside our binary (`cargo build --workspace`).
+fn kedasim_binary() -> PathBuf {
+    let path = common::demo_binary().with_file_name("kedasim");
     assert!(
         path.exists(),
         "{} is missing: build the workspace first (cargo build --workspace)",
@@ -47,58 +49,25 @@ impl Drop for Running {
     }
 }
 
-/// `sblocal serve` on free ports in a temp dir, with one queue `orders`.
+/// The local Service Bus with the two queues these tests use, and the scaler's view of it.
 struct Sblocal {
-    _process: Running,
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
+    broker: Broker,
 }
 
 impl Sblocal {
     fn start() -> Sblocal {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("Config.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"UserConfig":{{"Namespaces":[{{"Name":"sbemulatorns","Queues":[{{"Name":"{QUEUE}","Properties":{{"LockDuration":"PT1M","MaxDeliveryCount":10}}}},{{"Name":"{UNPOLLED_QUEUE}","Properties":{{}}}}]}}],"Logging":{{"Type":"Console"}}}}}}"#
+        let broker = Broker::with_queues(&[
+            (
+                QUEUE,
+                serde_json::json!({ "LockDuration": "PT1M", "MaxDeliveryCount": 10 }),
             ),
-        )
-        .expect("config");
-        let mut child = Command::new(workspace_binary("sblocal"))
-            .arg("serve")
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--config")
-            .arg(&config)
-            .args(["--amqp", "127.0.0.1:0", "--amqps", "127.0.0.1:0"])
-            .args(["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sblocal");
-        let stdout = child.stdout.take().expect("stdout");
-        let process = Running { child };
-        let lines = line_channel(stdout);
-        wait_for_line(&lines, Duration::from_secs(30), |line| {
-            line.trim() == "ready"
-        })
-        .expect("sblocal prints ready");
-        let env = read_env_file(&dir.path().join("emulator.env"));
-        Sblocal {
-            _process: process,
-            dir,
-            env,
-        }
-    }
-
-    fn management_endpoint(&self) -> &str {
-        &self.env["AZURE_SERVICEBUS_MANAGEMENT_ENDPOINT"]
+            (UNPOLLED_QUEUE, serde_json::json!({})),
+        ]);
+        Sblocal { broker }
     }
 
     async fn stats(&self) -> serde_json::Value {
-        let url = format!("{}$admin/stats", self.management_endpoint());
+        let url = format!("{}/$admin/stats", self.broker.http_base());
         let body = reqwest::get(url)
             .await
             .expect("stats")
@@ -122,37 +91,15 @@ impl Sblocal {
             .expect("active_messages")
     }
 
-    /// The environment a process of ours gets: the emulator's connection settings only.
-    fn command(&self, mode: &str) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_servicebusdemo"));
-        command.env_clear();
-        for (key, value) in &self.env {
-            command.env(key, value);
-        }
-        command
-            .env("OPERATION_MODE", mode)
-            .env("AZURE_SERVICEBUS_QUEUE_NAME", QUEUE)
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("LOG_FORMAT", "json")
-            .stdin(Stdio::null());
-        command
-    }
-
     fn produce(&self, count: u64) {
         self.produce_to(QUEUE, count);
     }
 
     fn produce_to(&self, queue: &str, count: u64) {
-        let output = self
-            .command("producer")
-            .env("AZURE_SERVICEBUS_QUEUE_NAME", queue)
-            .env("MESSAGE_COUNT", count.to_string())
-            .output()
-            .expect("run producer");
-        assert!(
-            output.status.success(),
-            "producer failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        run_producer(
+            &self.broker.emulator_env,
+            count,
+            &[("AZURE_SERVICEBUS_QUEUE_NAME", queue)],
         );
     }
 
@@ -161,23 +108,24 @@ impl Sblocal {
     }
 
     fn start_scaler_with(&self, cache_ttl: &str, extra_env: &[(&str, &str)]) -> Scaler {
-        let mut command = self.command("scaler");
-        command.envs(extra_env.iter().copied());
-        let mut child = command
-            .env("SCALER_GRPC_ADDR", "127.0.0.1:0")
-            .env("SCALER_CACHE_TTL", cache_ttl)
+        let mut settings = vec![
+            ("OPERATION_MODE", "scaler"),
+            ("AZURE_SERVICEBUS_QUEUE_NAME", QUEUE),
+            ("SCALER_GRPC_ADDR", "127.0.0.1:0"),
+            ("SCALER_CACHE_TTL", cache_ttl),
+        ];
+        settings.extend_from_slice(extra_env);
+        let mut child = demo_command(&self.broker.emulator_env, &settings)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn scaler");
-        let stderr = child.stderr.take().expect("stderr");
+        let log = LogStream::attach(&mut child);
         let process = Running { child };
-        let lines = line_channel(stderr);
         let mut grpc = None;
         let mut metrics = None;
-        let deadline = Duration::from_secs(30);
         while grpc.is_none() || metrics.is_none() {
-            let line = wait_for_line(&lines, deadline, |line| line.contains("\"addr\""))
+            let line = log
+                .wait_for(Duration::from_secs(30), |line| line.contains("\"addr\""))
                 .expect("scaler logs its addresses");
             let json: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
             let addr = json["addr"].as_str().map(str::to_owned);
@@ -192,7 +140,7 @@ impl Sblocal {
             _process: process,
             grpc: grpc.expect("grpc addr"),
             metrics: metrics.expect("metrics addr"),
-            log: lines,
+            log,
         }
     }
 }
@@ -201,8 +149,8 @@ struct Scaler {
     _process: Running,
     grpc: String,
     metrics: String,
-    /// The rest of its JSON log lines.
-    log: mpsc::Receiver<String>,
+    /// The rest of its log lines.
+    log: LogStream,
 }
 
 impl Scaler {
@@ -219,45 +167,6 @@ impl Scaler {
             .text()
             .await
             .expect("body")
-    }
-}
-
-fn read_env_file(path: &Path) -> HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .expect("env file")
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-/// Lines of a child's pipe, read on a thread (which also keeps the pipe drained).
-fn line_channel(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                // Nobody listens any more; keep draining so the child never blocks.
-                continue;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for_line(
-    lines: &mpsc::Receiver<String>,
-    timeout: Duration,
-    wanted: impl Fn(&str) -> bool,
-) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let line = lines.recv_timeout(left).ok()?;
-        if wanted(&line) {
-            return Some(line);
-        }
     }
 }
 
@@ -437,9 +346,9 @@ async fn tutorial_replay_ten_jobs_drain_one_hundred_messages() {
     sblocal.produce(100);
     // A TTL well under the polling interval: each poll sees the queue as the jobs left it.
     let scaler = sblocal.start_scaler("50ms");
-    let jobs_dir = sblocal.dir.path().join("jobs");
+    let jobs_dir = sblocal.broker.dir.path().join("jobs");
 
-    let mut command = Command::new(workspace_binary("kedasim"));
+    let mut command = Command::new(kedasim_binary());
     command
         .args(["--scaler-address", &scaler.grpc])
         .args(["--metadata", &format!("queueName={QUEUE}")])
@@ -466,7 +375,7 @@ async fn tutorial_replay_ten_jobs_drain_one_hundred_messages() {
             "METRICS_ADDR=127.0.0.1:0",
         ])
         .args(["--env", "LOG_FORMAT=json"]);
-    for (key, value) in &sblocal.env {
+    for (key, value) in &sblocal.broker.emulator_env {
         command.arg("--env").arg(format!("{key}={value}"));
     }
     command
@@ -566,10 +475,12 @@ async fn rpc_spans_are_exported_and_json_logs_carry_their_trace_id() {
     assert_eq!(refused.code(), Code::NotFound);
 
     // The refusal is logged inside the GetMetrics span, with its trace id.
-    let line = wait_for_line(&scaler.log, Duration::from_secs(10), |line| {
-        line.contains("call refused")
-    })
-    .expect("the refused call is logged");
+    let line = scaler
+        .log
+        .wait_for(Duration::from_secs(10), |line| {
+            line.contains("call refused")
+        })
+        .expect("the refused call is logged");
     let json: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
     let logged_trace_id = json["trace_id"]
         .as_str()
@@ -634,7 +545,7 @@ fn write_pki(dir: &Path) {
 async fn kedasim_reaches_a_mutual_tls_scaler_only_with_a_client_certificate() {
     install_crypto();
     let sblocal = Sblocal::start();
-    let pki = sblocal.dir.path().join("pki");
+    let pki = sblocal.broker.dir.path().join("pki");
     std::fs::create_dir_all(&pki).expect("pki dir");
     write_pki(&pki);
     let file = |name: &str| pki.join(name).display().to_string();
@@ -647,7 +558,7 @@ async fn kedasim_reaches_a_mutual_tls_scaler_only_with_a_client_certificate() {
         ],
     );
     let kedasim = |client_cert: bool| {
-        let mut command = Command::new(workspace_binary("kedasim"));
+        let mut command = Command::new(kedasim_binary());
         command
             .args(["--scaler-address", &scaler.grpc])
             .args([

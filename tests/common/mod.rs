@@ -7,8 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -48,37 +47,55 @@ impl Broker {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::launch(None, extra)
+    }
+
+    /// A broker serving only `queues`: each a name and its emulator `Properties`
+    /// (`LockDuration`, `MaxDeliveryCount`, ...), in the emulator's Config.json format.
+    pub fn with_queues(queues: &[(&str, serde_json::Value)]) -> Self {
+        let queues: Vec<serde_json::Value> = queues
+            .iter()
+            .map(|(name, properties)| serde_json::json!({ "Name": name, "Properties": properties }))
+            .collect();
+        let config = serde_json::json!({
+            "UserConfig": {
+                "Namespaces": [{ "Name": "sbemulatorns", "Queues": queues }],
+                "Logging": { "Type": "Console" }
+            }
+        });
+        Self::launch(Some(&config), &[])
+    }
+
+    fn launch(config: Option<&serde_json::Value>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(sblocal_binary())
-            .args(["serve", "--dir"])
-            .arg(dir.path())
-            .args([
-                "--amqp",
-                "127.0.0.1:0",
-                "--amqps",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--https",
-                "127.0.0.1:0",
-            ])
+        let mut command = Command::new(sblocal_binary());
+        command.args(["serve", "--dir"]).arg(dir.path()).args([
+            "--amqp",
+            "127.0.0.1:0",
+            "--amqps",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+        ]);
+        if let Some(config) = config {
+            // Beside the broker's own files, none of which has this name.
+            let path = dir.path().join("test-config.json");
+            std::fs::write(&path, config.to_string()).expect("write the broker's config");
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .args(extra)
             .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn sblocal");
-        let stdout = child.stdout.take().expect("sblocal stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let ready = LogStream::attach(&mut child)
+            .wait_for(Duration::from_secs(30), |line| line.trim() == "ready");
+        if ready.is_none() {
             let _ = child.kill();
             panic!("sblocal did not print `ready` within 30s");
         }
@@ -159,71 +176,41 @@ pub fn read_env_file(path: &Path) -> HashMap<String, String> {
         .collect()
 }
 
-/// A minimal HTTP/1.1 client for the broker's plain port (no TLS, no auth).
+/// A blocking HTTP client for the plain ports (the broker's `/$admin/`, our metrics), built
+/// once per test binary.
+fn http_client() -> &'static reqwest::blocking::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        // reqwest is built without a default TLS provider; the product installs ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("HTTP client")
+    })
+}
+
+/// `METHOD base+path` on the broker's plain port; the body of a 2xx answer.
 fn http(base: &str, method: &str, path: &str) -> String {
-    let authority = base.trim_start_matches("http://");
-    let addr = authority.replace("localhost", "127.0.0.1");
-    let mut stream =
-        TcpStream::connect(&addr).unwrap_or_else(|err| panic!("connect {addr}: {err}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("HTTP response has a body");
-    assert!(head.starts_with("HTTP/1.1 2"), "{method} {path}: {head}");
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    }
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
+    let response = http_client()
+        .request(method.clone(), format!("{base}{path}"))
+        .send()
+        .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
+    let status = response.status();
+    let body = response.text().expect("response body");
+    assert!(status.is_success(), "{method} {path}: {status} {body}");
+    body
 }
 
-/// `GET path` on a worker's metrics address; returns the status code and the whole response.
+/// `GET path` on a worker's metrics address (`host:port`): the status code and the body.
 pub fn metrics_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, response)
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || tail.len() < size {
-            break;
-        }
-        out.push_str(&tail[..size]);
-        rest = tail[size..].trim_start_matches("\r\n");
-    }
-    out
+    let response = http_client()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .unwrap_or_else(|err| panic!("GET {addr}{path}: {err}"));
+    let status = response.status().as_u16();
+    (status, response.text().expect("response body"))
 }
 
 /// A `servicebusdemo` command with a clean environment plus `env`.
@@ -369,17 +356,15 @@ pub fn wait_for_line(
     captured: &mut String,
     needle: &str,
 ) -> String {
-    loop {
-        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!("no {needle:?} in:\n{captured}");
-        };
-        captured.push_str(&line);
+    let found = logs.wait_for(Duration::from_secs(30), |line| {
+        captured.push_str(line);
         captured.push('\n');
-        if line.contains(needle) {
-            return line;
-        }
-    }
+        line.contains(needle)
+    });
+    found.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("no {needle:?} in:\n{captured}");
+    })
 }
 
 /// Lines of a child's stdout and stderr, merged, as they come (logs may go to either).
@@ -411,6 +396,17 @@ impl LogStream {
     /// The next line, or `None` when both streams ended or nothing came for `wait`.
     pub fn next_line(&self, wait: Duration) -> Option<String> {
         self.lines.recv_timeout(wait).ok()
+    }
+
+    /// The first line `wanted` accepts; `None` when both streams ended or nothing came for
+    /// `idle`.
+    pub fn wait_for(&self, idle: Duration, mut wanted: impl FnMut(&str) -> bool) -> Option<String> {
+        loop {
+            let line = self.next_line(idle)?;
+            if wanted(&line) {
+                return Some(line);
+            }
+        }
     }
 
     /// Everything until both streams end.
