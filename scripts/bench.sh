@@ -250,17 +250,18 @@ done
 # machine, waking a process on another vCPU goes through the hypervisor, and that cost (the
 # same for every client) dominates the round trip. Rerun with the broker and each client on
 # one CPU, where a wake-up is a local switch: what remains is what the clients themselves do.
-ONE_CPU=""
+one_cpu="" allowed_cpus=""
 if [[ "${BENCH_ONE_CPU:-1}" == 1 && " $PREFETCHES " == *" 0 "* ]] && command -v taskset >/dev/null && (($(nproc) > 1)); then
-    ONE_CPU=0
+    allowed_cpus=$(taskset -c -p $$ | sed 's/.*: *//') # e.g. "0-3" or "2,5"
+    one_cpu=${allowed_cpus%%[,-]*}
+    taskset -a -c -p "$one_cpu" "${PIDS[0]}" >/dev/null 2>&1 || one_cpu=""
 fi
-if [[ -n "$ONE_CPU" ]]; then
-    echo "consumer, prefetch 0, broker and clients on CPU $ONE_CPU (x$REPEATS)..." >&2
-    taskset -a -p -c "$ONE_CPU" "${PIDS[0]}" >/dev/null
-    PIN=(taskset -c "$ONE_CPU")
+if [[ -n "$one_cpu" ]]; then
+    echo "consumer, prefetch 0, broker and clients on CPU $one_cpu (x$REPEATS)..." >&2
+    PIN=(taskset -c "$one_cpu")
     measure_consumer 0 one_cpu
     PIN=()
-    taskset -a -p -c "0-$(($(nproc) - 1))" "${PIDS[0]}" >/dev/null
+    taskset -a -c -p "$allowed_cpus" "${PIDS[0]}" >/dev/null
 fi
 
 # --- cold start (workload identity: token file -> token endpoint -> $cbs over TLS) -----------
@@ -361,7 +362,7 @@ for prefetch in $PREFETCHES; do
         "$(thousands "$ours")" "$(thousands "${R[py_recv_$prefetch]}")" "$(thousands "${R[raw_recv_$prefetch]}")" \
         "$(ratio "$ours" "${R[py_recv_$prefetch]}")" "$(percent "$ours" "${R[raw_recv_$prefetch]}")"
 done
-if [[ -n "$ONE_CPU" ]]; then
+if [[ -n "$one_cpu" ]]; then
     ours=${R[ours_recv_one_cpu]}
     row "consumer receive+complete, prefetch 0, broker and client on one CPU (msg/s, median of $REPEATS)" \
         "$(thousands "$ours")" "$(thousands "${R[py_recv_one_cpu]}")" "$(thousands "${R[raw_recv_one_cpu]}")" \
