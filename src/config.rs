@@ -98,7 +98,8 @@ pub struct Args {
     #[arg(long, env = "AZURE_SERVICEBUS_HOSTNAME", global = true)]
     pub hostname: Option<String>,
 
-    /// SAS connection string (alternative to the host name and an Entra identity).
+    /// SAS connection string (alternative to the host name and an Entra identity); prefer the
+    /// variable: a flag's value is visible in the process list.
     #[arg(
         long,
         env = "AZURE_SERVICEBUS_CONNECTION_STRING",
@@ -774,8 +775,8 @@ impl ConnectionString {
             // Values (keys are base64) may contain '='; split at the first one only.
             let Some((name, val)) = part.split_once('=') else {
                 return Err(bad(format!(
-                    "malformed: part {:?} is not Name=Value",
-                    redact_part(part)
+                    "malformed: part {} is not Name=Value",
+                    shown_part(part)
                 )));
             };
             let val = val.trim();
@@ -791,13 +792,17 @@ impl ConnectionString {
                         "false" => false,
                         _ => {
                             return Err(bad(format!(
-                                "malformed: UseDevelopmentEmulator={val:?}, expected true or false"
+                                "malformed: UseDevelopmentEmulator={}, expected true or false",
+                                shown_word(val)
                             )))
                         }
                     }
                 }
-                other => {
-                    return Err(bad(format!("malformed: unknown part {other:?}")));
+                _ => {
+                    return Err(bad(format!(
+                        "malformed: unknown part {}",
+                        shown_part(name.trim())
+                    )));
                 }
             }
         }
@@ -834,38 +839,61 @@ impl ConnectionString {
     }
 }
 
-/// Show the name of a part that failed to parse, never a value that might be a key.
-fn redact_part(part: &str) -> String {
-    // Only the leading name: a part without '=' may be a key whose separator was mistyped
-    // (`SharedAccessKey c2Vj...`), and emulator keys are short enough to fit any length limit.
-    let name: String = part
-        .chars()
-        .take_while(char::is_ascii_alphabetic)
-        .take(32)
-        .collect();
-    if name.len() == part.len() {
-        name
-    } else {
-        format!("{name}...")
+/// The parts a connection string may have, as the portal writes them.
+const CONNECTION_STRING_PARTS: [&str; 6] = [
+    "Endpoint",
+    "SharedAccessKeyName",
+    "SharedAccessKey",
+    "SharedAccessSignature",
+    "EntityPath",
+    "UseDevelopmentEmulator",
+];
+
+/// A part (or a part's name) that failed to parse, as an error may show it. Anything in a
+/// connection string may be a key pasted in the wrong place (a lost name or `;`), so no text
+/// of it is echoed unless it cannot be key material: a known part name it starts with, or a
+/// short purely alphabetic name (base64 keys are 44 characters with digits and symbols).
+fn shown_part(part: &str) -> String {
+    let known = CONNECTION_STRING_PARTS
+        .iter()
+        .filter(|name| {
+            part.get(..name.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(name))
+        })
+        .max_by_key(|name| name.len());
+    match known {
+        Some(name) if name.len() == part.len() => format!("{name:?}"),
+        Some(name) => format!("\"{name}...\""),
+        None => shown_word(part),
     }
 }
 
+/// A value as an error may show it: a short alphabetic word (`yes`, `Bogus`) as it is,
+/// anything else not at all.
+fn shown_word(text: &str) -> String {
+    if (1..=24).contains(&text.len()) && text.chars().all(|c| c.is_ascii_alphabetic()) {
+        format!("{text:?}")
+    } else {
+        "(not shown: it may hold a key; is a ';' missing?)".to_string()
+    }
+}
+
+/// Errors here never echo the endpoint: with a `;` lost, it carries the key that followed.
 fn parse_endpoint(endpoint: &str, emulator: bool) -> Result<Namespace, String> {
     let url = url::Url::parse(endpoint)
-        .map_err(|err| format!("malformed: Endpoint {endpoint:?} is not a URL: {err}"))?;
+        .map_err(|err| format!("malformed: Endpoint is not a URL ({err})"))?;
     if !matches!(url.scheme(), "sb" | "amqp" | "amqps") {
-        return Err(format!(
-            "malformed: Endpoint {endpoint:?} must start with sb://"
-        ));
+        return Err("malformed: Endpoint must start with sb://".into());
     }
     let host = url
         .host_str()
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("malformed: Endpoint {endpoint:?} has no host"))?;
+        .ok_or_else(|| "malformed: Endpoint has no host".to_string())?;
     if !matches!(url.path(), "" | "/") {
-        return Err(format!(
-            "malformed: Endpoint {endpoint:?} must not have a path (use EntityPath)"
-        ));
+        return Err(
+            "malformed: Endpoint must not have a path (use EntityPath; or a ';' is missing after it)"
+                .into(),
+        );
     }
     let plain = emulator || url.scheme() == "amqp";
     let transport = if plain {
@@ -1675,6 +1703,13 @@ mod fuzz {
     /// A short key, like the emulator's documented `SAS_KEY_VALUE`.
     const SHORT_KEY: &str = "Zq9Xk2Lp";
 
+    /// Whether `text` holds any five characters of `key` in a row, in any letter case.
+    fn shows_part_of(text: &str, key: &str) -> bool {
+        let text = text.to_ascii_lowercase();
+        let key = key.to_ascii_lowercase();
+        (0..=key.len().saturating_sub(5)).any(|start| text.contains(&key[start..start + 5]))
+    }
+
     type Setter = fn(&mut Args, String);
 
     /// Every setting a mutation can hit, with the field it sets.
@@ -1846,6 +1881,15 @@ mod fuzz {
                     Just(format!("SharedAccessKey {SHORT_KEY}")),
                     Just(format!("SharedAccessKey-{SHORT_KEY}")),
                     Just(format!("SharedAccessSignature=SharedAccessSignature sr=x&sig={KEY}")),
+                    // A key whose name was lost, or glued to the part before by a lost ';'.
+                    Just(KEY.to_string()),
+                    Just(SHORT_KEY.to_string()),
+                    Just(format!("Endpoint=sb://localhost/SharedAccessKey={KEY}")),
+                    Just(format!("Endpoint=sb://localhost SharedAccessKey={KEY}")),
+                    Just(format!("Endpoint=sb://localhost/SharedAccessKey={SHORT_KEY}")),
+                    Just(format!("UseDevelopmentEmulator=true SharedAccessKey={KEY}")),
+                    Just(format!("UseDevelopmentEmulator=true{SHORT_KEY}")),
+                    Just(format!("EntityPath=q SharedAccessKey={KEY}")),
                     "UseDevelopmentEmulator=(true|false|TRUE|yes|)",
                     "EntityPath=[a-z]{0,8}",
                     "[A-Za-z]{0,12}(=[^;]{0,10})?",
@@ -1857,8 +1901,10 @@ mod fuzz {
             let raw = parts.join(separator);
             if let Err(err) = ConnectionString::parse(&raw) {
                 prop_assert_eq!(err.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
-                prop_assert!(!err.to_string().contains(KEY), "{raw:?}: {err}");
-                prop_assert!(!err.to_string().contains(SHORT_KEY), "{raw:?}: {err}");
+                let shown = err.to_string();
+                for key in [KEY, SHORT_KEY] {
+                    prop_assert!(!shows_part_of(&shown, key), "{raw:?}: {shown}");
+                }
             }
         }
 
