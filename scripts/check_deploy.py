@@ -852,7 +852,42 @@ def cmd_dockerfile(path):
     build = [l for l in lines if "cargo build" in l]
     if not build or not all(t in build[0] for t in ("--release", "-p servicebusdemo", "--locked")):
         problem(f"builder must run cargo build --release --locked -p servicebusdemo, got {build}")
+    check_builder_rust_version(text)
     finish()
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in (text.split(".") + ["0", "0"])[:3])
+
+
+def check_builder_rust_version(dockerfile_text):
+    """The builder's Rust is the declared rust-version, and every locked crate builds with it
+    (cargo refuses a crate whose rust-version is newer, so `--locked` would fail in the image)."""
+    arg = re.search(r"^ARG RUST_VERSION=(\S+)", dockerfile_text, re.M)
+    with open("Cargo.toml") as f:
+        declared = re.search(r'^rust-version\s*=\s*"([^"]+)"', f.read(), re.M)
+    if not arg or not declared:
+        problem("Dockerfile ARG RUST_VERSION and Cargo.toml rust-version are both expected")
+        return
+    if arg.group(1) != declared.group(1):
+        problem(f"Dockerfile builds with Rust {arg.group(1)}, Cargo.toml declares {declared.group(1)}")
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--locked"],
+        capture_output=True, text=True,
+    )
+    if metadata.returncode != 0:
+        problem(f"cargo metadata failed: {metadata.stderr.strip()[-300:]}")
+        return
+    rust = version_tuple(arg.group(1))
+    newer = [
+        f"{p['name']} {p['version']} needs {p['rust_version']}"
+        for p in json.loads(metadata.stdout)["packages"]
+        if p.get("rust_version") and version_tuple(p["rust_version"]) > rust
+    ]
+    if newer:
+        problem(f"Cargo.lock has crates the image's Rust {arg.group(1)} cannot build: {'; '.join(newer)}")
+    else:
+        print(f"every locked crate builds with Rust {arg.group(1)}")
 
 
 # --- tls-probe: the scaler serves mutual TLS with the certificates tutorial.sh makes, wired as the overlay does --

@@ -30,6 +30,8 @@ setup_debian_packages() {
   command -v promtool >/dev/null || missing+=(prometheus)
   command -v curl >/dev/null || missing+=(curl)
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v npm >/dev/null || missing+=(npm)
+  python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
