@@ -170,6 +170,28 @@ fn largest_step(totals: &[u64]) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits for a child expected to end by itself, reading its log; kills it and fails the test
+/// when it is still running after `limit`.
+fn exit_within(
+    mut child: Child,
+    logs: LogStream,
+    captured: &mut Captured,
+    limit: Duration,
+) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match logs.next_line(left) {
+            Some(line) => captured.push(line),
+            None => break,
+        }
+    }
+    if child.try_wait().expect("wait").is_none() && Instant::now() >= deadline {
+        let _ = child.kill();
+        panic!("still running after {limit:?}:\n{}", captured.text());
+    }
+    finish(child, logs, captured)
+}
+
 fn finish(mut child: Child, logs: LogStream, captured: &mut Captured) -> Option<i32> {
     for line in logs.rest() {
         captured.push(line);
@@ -827,9 +849,11 @@ fn sigterm_mid_produce_loses_nothing_reported_as_sent() {
 
 /// A connection string with a fixed SharedAccessSignature that expires a few seconds into
 /// the run: the refresher re-presents it while it is valid, then stops with one error once
-/// it has expired (no new signature can come from a fixed one) instead of retrying forever.
+/// it has expired (no new signature can come from a fixed one) instead of retrying forever;
+/// when the broker drops the lapsed links, the consumer reconnects, is refused the expired
+/// signature and exits 1 saying so.
 #[test]
-fn an_expired_fixed_signature_ends_refreshing_with_one_error() {
+fn an_expired_fixed_signature_ends_the_consumer_with_one_error() {
     use base64::Engine as _;
     use hmac::Mac as _;
     use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -868,23 +892,13 @@ fn an_expired_fixed_signature_ends_refreshing_with_one_error() {
             format!("Endpoint={endpoint};SharedAccessSignature={sas};UseDevelopmentEmulator=true"),
         )],
     );
-    let (mut consumer, logs) = spawn_demo(
+    let (consumer, logs) = spawn_demo(
         &env,
         &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
     );
     let mut captured = Captured::new();
-    read_until(&mut consumer, &logs, &mut captured, |line| {
-        line.contains("token refresh failed")
-    });
-    // Longer than the refresher's retry delay: a retrying refresher would log again here.
-    let watch = Instant::now();
-    while watch.elapsed() < Duration::from_secs(8) {
-        if let Some(line) = logs.next_line(Duration::from_millis(200)) {
-            captured.push(line);
-        }
-    }
-    terminate(&consumer);
-    finish(consumer, logs, &mut captured);
+    let code = exit_within(consumer, logs, &mut captured, Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{}", captured.text());
     let failures = captured.messages_starting_with("token refresh failed");
     assert_eq!(failures.len(), 1, "{}", captured.text());
     let failure = &failures[0];
@@ -899,5 +913,78 @@ fn an_expired_fixed_signature_ends_refreshing_with_one_error() {
             .and_then(|e| e.as_str())
             .is_some_and(|e| e.contains("expired")),
         "{failure}"
+    );
+    let lapsed = captured.messages_starting_with("connection lost");
+    assert!(
+        lapsed.iter().any(|line| log_field(line, "error")
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.contains("authorisation lapsed"))),
+        "the broker dropped the lapsed link\n{}",
+        captured.text()
+    );
+    let last = captured.json().pop().expect("a last log line");
+    assert!(
+        log_message(&last) == "failed"
+            && log_field(&last, "error")
+                .and_then(|e| e.as_str())
+                .is_some_and(|e| e.contains("expired")),
+        "the run ends on the expired signature\n{}",
+        captured.text()
+    );
+}
+
+/// The federated token file turns to garbage mid-run (a broken projection): the refresh
+/// fails for good, and when the token lapses the broker drops the consumer's link. A worker
+/// that could receive nothing more must not sit there looking healthy: it reconnects, the new
+/// token request is refused, and it exits 1 with Entra's reason.
+#[test]
+fn a_token_that_can_no_longer_be_renewed_ends_the_consumer_when_it_lapses() {
+    let broker = Broker::start();
+    let lifetime = env_number("RELIABILITY_TOKEN_LIFETIME_SECONDS", 3);
+    broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
+    let token_file = broker.dir.path().join("projected-token");
+    std::fs::copy(
+        &broker.workload_env["AZURE_FEDERATED_TOKEN_FILE"],
+        &token_file,
+    )
+    .expect("copy the token file");
+    let env = with(
+        &broker.workload_env,
+        &[(
+            "AZURE_FEDERATED_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        )],
+    );
+    let (mut consumer, logs) = spawn_demo(
+        &env,
+        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
+    );
+    let mut captured = Captured::new();
+    produce_and_receive(&broker.workload_env, &mut consumer, &logs, &mut captured, 1);
+    std::fs::write(&token_file, "not a token\n").expect("break the token file");
+    // It ends soon after the token lapses, not at some later timeout (or never).
+    let limit = Duration::from_secs(lifetime + 30);
+    let code = exit_within(consumer, logs, &mut captured, limit);
+    assert_eq!(code, Some(1), "{}", captured.text());
+    let gave_up = captured.messages_starting_with("token refresh failed permanently");
+    assert_eq!(gave_up.len(), 1, "{}", captured.text());
+    assert!(
+        captured
+            .messages_starting_with("connection lost")
+            .iter()
+            .any(|line| log_field(line, "error")
+                .and_then(|e| e.as_str())
+                .is_some_and(|e| e.contains("authorisation lapsed"))),
+        "the lapsed link was dropped and the consumer reconnected\n{}",
+        captured.text()
+    );
+    let last = captured.json().pop().expect("a last log line");
+    assert!(
+        log_message(&last) == "failed"
+            && log_field(&last, "error")
+                .and_then(|e| e.as_str())
+                .is_some_and(|e| e.contains("AADSTS")),
+        "the run ends on Entra's refusal\n{}",
+        captured.text()
     );
 }

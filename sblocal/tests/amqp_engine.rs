@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
-use fe2o3_amqp_types::definitions::{Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode};
+use fe2o3_amqp_types::definitions::{
+    AmqpError, ErrorCondition, Fields, Handle, ReceiverSettleMode, Role, SenderSettleMode,
+};
 use fe2o3_amqp_types::messaging::message::__private::{Deserializable, Serializable};
 use fe2o3_amqp_types::messaging::{
     Accepted, ApplicationProperties, Body, DeliveryState, Message, MessageId, Modified, Properties,
@@ -1011,23 +1013,49 @@ async fn heartbeats_follow_the_clients_idle_timeout() {
     }
 }
 
+/// As Service Bus does: once the token that authorised a link lapses, the link is detached
+/// with `amqp:unauthorized-access`, unprompted, and nothing is delivered on that token.
 #[tokio::test]
-async fn nothing_is_delivered_once_the_token_expired() {
+async fn links_are_detached_when_their_token_expires() {
     let broker = broker();
     let mut receiving = connect(&broker);
     receiving
         .open_session_with_token(64 * 1024, "short-lived")
         .await;
     attach_receiver(&mut receiving, 2, SenderSettleMode::Unsettled).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let attached = std::time::Instant::now();
 
+    let next = tokio::time::timeout(Duration::from_secs(5), receiving.performative())
+        .await
+        .expect("the link is detached once its token expires");
+    let Performative::Detach(detach) = next else {
+        panic!("only the detach was expected, got {next:?}");
+    };
+    let error = detach.error.expect("the detach carries the reason");
+    assert_eq!(
+        error.condition,
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess)
+    );
+    assert!(detach.closed);
+    assert!(
+        attached.elapsed() < Duration::from_secs(2),
+        "detached at the expiry (300 ms), not at some later sweep: {:?}",
+        attached.elapsed()
+    );
+
+    // Credit on the detached handle brings nothing either.
     let mut sending = connect_with_token(&broker, 64 * 1024, "owner").await;
     send_messages(&mut sending, 1, QUEUE, &[b"for nobody"]).await;
-
     receiving.send(0, flow(2, 0, 1, false), &[]).await;
     let next = tokio::time::timeout(Duration::from_millis(300), receiving.frame()).await;
     assert!(
-        next.is_err(),
+        !matches!(
+            next,
+            Ok(Some(AmqpFrame {
+                performative: Some(Performative::Transfer(_)),
+                ..
+            }))
+        ),
         "a delivery went out on an expired token: {next:?}"
     );
     assert_eq!(active(&broker), 1);

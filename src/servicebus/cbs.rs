@@ -1,5 +1,6 @@
 //! Claims-based security: `put-token` on `$cbs` for each entity, refreshed before expiry so
-//! long-running consumers keep their links (the broker stops deliveries once a token lapses).
+//! long-running consumers keep their links (the broker drops an entity's links once its token
+//! lapses).
 //!
 //! fe2o3's management client does not match answers to requests: after a put-token that
 //! failed or timed out, a late answer could be read as the next put-token's. So a `$cbs` link

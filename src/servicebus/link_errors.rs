@@ -6,6 +6,8 @@ use fe2o3_amqp::link::{
     SessionStopReason,
 };
 
+use fe2o3_amqp::types::definitions::Error;
+
 use super::ServiceBusError;
 
 pub fn session_stopped(context: &str, reason: &SessionStopReason) -> ServiceBusError {
@@ -24,10 +26,23 @@ pub fn session_stopped(context: &str, reason: &SessionStopReason) -> ServiceBusE
     }
 }
 
+/// An established link detached by the broker. `unauthorized-access` there means the token
+/// that authorised the link lapsed (Service Bus drops the links then) or the role was
+/// revoked: reconnecting puts a new token, and a role that is really gone is refused again at
+/// attach, where it is final.
+fn remote_detach(context: &str, err: &Error) -> ServiceBusError {
+    match ServiceBusError::from_amqp(context, err) {
+        ServiceBusError::Unauthorized(detail) => ServiceBusError::Disconnected(format!(
+            "{detail} (the link's authorisation lapsed; reconnecting with a new token)"
+        )),
+        classified => classified,
+    }
+}
+
 pub fn detach(context: &str, err: &DetachError) -> ServiceBusError {
     match err {
         DetachError::RemoteDetachedWithError(e) | DetachError::RemoteClosedWithError(e) => {
-            ServiceBusError::from_amqp(context, e)
+            remote_detach(context, e)
         }
         DetachError::SessionStopped(reason) => session_stopped(context, reason),
         other => ServiceBusError::Disconnected(format!("{context}: {other}")),
@@ -37,7 +52,7 @@ pub fn detach(context: &str, err: &DetachError) -> ServiceBusError {
 pub fn link_state(context: &str, err: &LinkStateError) -> ServiceBusError {
     match err {
         LinkStateError::RemoteDetachedWithError(e) | LinkStateError::RemoteClosedWithError(e) => {
-            ServiceBusError::from_amqp(context, e)
+            remote_detach(context, e)
         }
         LinkStateError::SessionStopped(reason) => session_stopped(context, reason),
         other => ServiceBusError::Disconnected(format!("{context}: {other}")),

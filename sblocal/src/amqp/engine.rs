@@ -103,6 +103,15 @@ pub trait Handler: Send {
     fn outgoing(&mut self, key: LinkKey, credit: u32, out: &mut Vec<OutgoingMessage>);
     /// Asked after every wake-up: `Some` closes the connection with that error.
     fn close_requested(&mut self) -> Option<Error>;
+    /// Asked after every wake-up: links to detach now, each with its error.
+    fn detach_requested(&mut self) -> Vec<(LinkKey, Error)> {
+        Vec::new()
+    }
+    /// When `detach_requested` will have something to say with no traffic in between (a
+    /// grant lapsing): the connection wakes up then.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
     /// The connection is gone.
     fn closed(&mut self);
 }
@@ -410,6 +419,9 @@ impl<H: Handler> Connection<H> {
                 let description = error.description.clone().unwrap_or_default();
                 self.close_with(io, error.condition, description)?;
             }
+            for (key, error) in self.handler.detach_requested() {
+                self.detach_link(io, key, Some(error))?;
+            }
             if !self.closing {
                 self.pump(io)?;
             }
@@ -428,6 +440,7 @@ impl<H: Handler> Connection<H> {
                     heartbeat.tick().await;
                 }
             }
+            let deadline = self.handler.next_deadline();
             tokio::select! {
                 filled = io.fill() => {
                     if !filled? {
@@ -435,6 +448,7 @@ impl<H: Handler> Connection<H> {
                     }
                 }
                 _ = wake.notified() => {}
+                _ = sleep_until(deadline), if deadline.is_some() => {}
                 _ = heartbeat.tick(), if heartbeat_period.is_some() => {
                     frame::encode_empty(&mut io.output);
                 }
@@ -1093,6 +1107,14 @@ fn same_outcome(a: &DeliveryState, b: &DeliveryState) -> bool {
         (DeliveryState::Accepted(_), DeliveryState::Accepted(_))
             | (DeliveryState::Released(_), DeliveryState::Released(_))
     )
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn session_flow(session: &Session) -> Performative {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fe2o3_amqp_types::definitions::{
@@ -836,6 +836,47 @@ impl Handler for BrokerConnection {
                 message.tag = tag;
             }
         }
+    }
+
+    /// Service Bus drops an entity's links once the token that authorised them lapses (the
+    /// client is expected to put a new one on `$cbs` before that).
+    fn detach_requested(&mut self) -> Vec<(LinkKey, Error)> {
+        let lapsed: Vec<(LinkKey, Error)> = self
+            .links
+            .iter()
+            .filter_map(|(key, role)| {
+                let (entity, sends) = match role {
+                    LinkRole::Sender { entity, .. } => (entity, true),
+                    LinkRole::Receiver { entity, .. } => (entity, false),
+                    _ => return None,
+                };
+                self.require(entity, sends).err()?;
+                let description = format!(
+                    "The token authorising '{}' has expired; put a new token on $cbs before the current one expires.",
+                    entity.path()
+                );
+                Some((*key, error(AmqpError::UnauthorizedAccess, description)))
+            })
+            .collect();
+        lapsed
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if !self
+            .links
+            .values()
+            .any(|role| matches!(role, LinkRole::Sender { .. } | LinkRole::Receiver { .. }))
+        {
+            return None;
+        }
+        let now = SystemTime::now();
+        let next = self
+            .grants
+            .iter()
+            .filter_map(|(_, grant)| grant.expires_at.duration_since(now).ok())
+            .min()?;
+        // Just past the expiry: `rights` compares with the wall clock.
+        Some(Instant::now() + next + Duration::from_millis(1))
     }
 
     fn close_requested(&mut self) -> Option<Error> {

@@ -6,8 +6,8 @@
 //! - Addresses `<queue>`, `<queue>/$DeadLetterQueue` and `<entity>/$management`, with or without
 //!   a `scheme://host:port/` prefix; an unknown entity is refused with `amqp:not-found`.
 //! - `$cbs` put-token (`status-code` 202, or 401): links need a live grant for their entity
-//!   (send: Send; receive, settle, `$management`: Listen; Manage covers both), and an expired
-//!   grant stops deliveries.
+//!   (send: Send; receive, settle, `$management`: Listen; Manage covers both); when a grant
+//!   expires, the entity's send and receive links are detached with `amqp:unauthorized-access`.
 //! - Sends: `max-message-size` and `com.microsoft:max-message-batch-size` on the attach; batches
 //!   are message-format `0x80013700`; message bytes are kept as sent (only a missing message-id
 //!   is filled in); sequence numbers, enqueued time, `x-opt-scheduled-enqueue-time`.

@@ -197,7 +197,7 @@ def test_expired_locks_are_lost_and_the_message_redelivered(sblocal):
 
 def test_short_lived_tokens_are_refreshed_by_the_sdk(monkeypatch, sblocal):
     """With 3-second access tokens a TLS receiver outlives several tokens and still receives:
-    the SDK re-runs put-token before each expires (the broker stops deliveries after expiry)."""
+    the SDK re-runs put-token before each expires (the broker drops the links of a lapsed token)."""
     for key, value in sblocal.workload_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", sblocal.ca_file)
