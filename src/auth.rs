@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use azure_core::credentials::{TokenCredential, TokenRequestOptions};
-use azure_core::http::{ClientMethodOptions, ClientOptions};
+use azure_core::http::{ClientMethodOptions, ClientOptions, RetryOptions};
 use azure_identity::{
     ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
     DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
@@ -23,10 +23,13 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::Sha256;
 
 use crate::config::{AuthConfig, SharedAccessKey};
-use crate::telemetry::{Metrics, RequestOutcome};
+use crate::telemetry::{error_chain, Metrics, RequestOutcome};
 
 /// The Entra scope of every Service Bus data-plane and management call.
 pub const SERVICE_BUS_SCOPE: &str = "https://servicebus.azure.net/.default";
+/// Entra's public-cloud token endpoint, used when AZURE_AUTHORITY_HOST is not set.
+const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+
 /// Lifetime of the SAS tokens we sign (what Microsoft's SDKs use).
 pub const SAS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -192,6 +195,9 @@ impl ClientAssertion for FederatedTokenFile {
 struct NamedCredential {
     name: &'static str,
     credential: Arc<dyn TokenCredential>,
+    /// Where its tokens come from and the setting that says so, added to an error when the
+    /// provider could not be reached.
+    provider: Option<String>,
 }
 
 /// Entra credentials tried in order; the first that gives a token is kept.
@@ -379,24 +385,29 @@ async fn get_token(candidate: &NamedCredential) -> Result<AccessToken, AuthError
                 kind: TokenKind::Bearer,
             })
         }
-        Err(err) => Err(classify(candidate.name, err)),
+        Err(err) => Err(classify(candidate, err)),
     }
 }
 
 /// An answer from the identity provider (4xx) is final; anything else may pass.
-fn classify(credential: &'static str, err: azure_core::Error) -> AuthError {
-    let message = join_lines(&err.to_string());
+fn classify(candidate: &NamedCredential, err: azure_core::Error) -> AuthError {
+    let credential = candidate.name;
     let status = find_http_status(&err);
     match status {
         Some(code) if (400..500).contains(&code) && code != 429 && code != 408 => {
             AuthError::Refused {
                 credential,
-                message,
+                message: join_lines(&err.to_string()),
             }
         }
+        // Unreachable: the transport's own reason (connection refused, DNS) is further down
+        // the error's sources, and where the provider was looked for is what to check.
         _ => AuthError::Unavailable {
             credential,
-            message,
+            message: match &candidate.provider {
+                Some(provider) => format!("{} ({provider})", error_chain(&err)),
+                None => error_chain(&err),
+            },
         },
     }
 }
@@ -425,7 +436,13 @@ fn join_lines(text: &str) -> String {
 }
 
 fn client_options(authority_host: Option<&str>) -> ClientOptions {
-    let mut options = ClientOptions::default();
+    let mut options = ClientOptions {
+        // Failed token requests are retried by our policy (RETRY_*), around the whole
+        // exchange; the SDK's own retries inside each attempt would stretch an unreachable
+        // token endpoint into minutes of silence before the first error is seen.
+        retry: RetryOptions::none(),
+        ..ClientOptions::default()
+    };
     if let Some(host) = authority_host {
         let mut custom = azure_core::cloud::CustomConfiguration::default();
         custom.authority_host = host.to_string();
@@ -452,9 +469,13 @@ fn workload_identity(
         credential: "workload identity",
         message: join_lines(&err.to_string()),
     })?;
+    let authority = authority_host.unwrap_or(DEFAULT_AUTHORITY_HOST);
     Ok(NamedCredential {
         name: "workload identity (federated token file)",
         credential,
+        provider: Some(format!(
+            "token endpoint {authority} from AZURE_AUTHORITY_HOST"
+        )),
     })
 }
 
@@ -475,10 +496,12 @@ fn ambient(client_id: Option<&str>) -> Result<Vec<NamedCredential>, AuthError> {
         NamedCredential {
             name: "managed identity",
             credential: managed,
+            provider: None,
         },
         NamedCredential {
             name: "developer tools (Azure CLI, azd)",
             credential: developer,
+            provider: None,
         },
     ])
 }
@@ -593,6 +616,7 @@ mod tests {
             credential: Arc::new(GatedCredential {
                 barrier: tokio::sync::Barrier::new(2),
             }),
+            provider: None,
         }])
     }
 

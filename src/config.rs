@@ -730,6 +730,42 @@ fn check_readable(setting: &'static str, path: &std::path::Path) -> Result<(), C
         .map_err(|err| ConfigError::new(setting, format!("cannot read {}: {err}", path.display())))
 }
 
+/// A readable PEM file with at least one certificate (the scaler's chain, or a CA). Checked
+/// here so that a wrong file is a configuration error naming its setting, not a failure of
+/// the gRPC server after start-up.
+fn check_certificates(setting: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    check_readable(setting, path)?;
+    let mut certificates = CertificateDer::pem_file_iter(path).map_err(|err| {
+        ConfigError::new(setting, format!("cannot read {}: {err}", path.display()))
+    })?;
+    match certificates.next() {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(err)) => Err(ConfigError::new(
+            setting,
+            format!("{} is not valid PEM: {err}", path.display()),
+        )),
+        None => Err(ConfigError::new(
+            setting,
+            format!("{} holds no PEM certificate", path.display()),
+        )),
+    }
+}
+
+/// A readable PEM file with a private key (PKCS#8, RSA or EC). The key itself is never shown.
+fn check_private_key(setting: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    check_readable(setting, path)?;
+    PrivateKeyDer::from_pem_file(path).map(drop).map_err(|err| {
+        let problem = match err {
+            rustls::pki_types::pem::Error::NoItemsFound => "holds no PEM private key".to_string(),
+            rustls::pki_types::pem::Error::Io(err) => format!("cannot be read: {err}"),
+            _ => "is not a valid PEM private key".to_string(),
+        };
+        ConfigError::new(setting, format!("{} {problem}", path.display()))
+    })
+}
+
 /// The projected service-account token: a readable file holding a token. It is read again
 /// on every token request (the kubelet rotates it); an empty one can never be exchanged.
 fn check_token_file(path: &std::path::Path) -> Result<(), ConfigError> {
@@ -990,6 +1026,12 @@ pub fn validate_entity_name(name: &str) -> Result<(), String> {
 
 fn parse_producer(args: &Args, queue: Option<String>) -> Result<ProducerConfig, ConfigError> {
     let queue = require_queue(queue)?;
+    if queue.ends_with(DEAD_LETTER_SUFFIX) {
+        return Err(ConfigError::new(
+            "AZURE_SERVICEBUS_QUEUE_NAME",
+            format!("{queue:?} is a dead-letter queue: Service Bus takes no sends there (only the consumer reads it)"),
+        ));
+    }
     let message_count = parse_number("MESSAGE_COUNT", &args.message_count, DEFAULT_PRODUCER_COUNT)?;
     let base = args
         .message_body
@@ -1165,10 +1207,10 @@ fn parse_scaler_tls(args: &Args) -> Result<Option<ScalerTlsConfig>, ConfigError>
     let client_ca = non_empty(&args.scaler_tls_client_ca_file).map(PathBuf::from);
     match (cert, key) {
         (Some(cert_file), Some(key_file)) => {
-            check_readable("SCALER_TLS_CERT_FILE", &cert_file)?;
-            check_readable("SCALER_TLS_KEY_FILE", &key_file)?;
+            check_certificates("SCALER_TLS_CERT_FILE", &cert_file)?;
+            check_private_key("SCALER_TLS_KEY_FILE", &key_file)?;
             if let Some(ca) = &client_ca {
-                check_readable("SCALER_TLS_CLIENT_CA_FILE", ca)?;
+                check_certificates("SCALER_TLS_CLIENT_CA_FILE", ca)?;
             }
             Ok(Some(ScalerTlsConfig {
                 cert_file,

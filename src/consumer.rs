@@ -309,16 +309,19 @@ impl Consumer<'_> {
                 }
             }
             let wait = match self.config.idle_timeout {
-                Some(idle) => idle.saturating_sub(last_message.elapsed()),
+                Some(idle) => {
+                    let left = idle.saturating_sub(last_message.elapsed());
+                    if left.is_zero() {
+                        tracing::info!(
+                            idle_timeout = %humantime::format_duration(idle),
+                            "no message within the idle timeout; exiting"
+                        );
+                        return Ok(StopReason::Idle);
+                    }
+                    left
+                }
                 None => CONTINUOUS_WAIT,
             };
-            if wait.is_zero() {
-                tracing::info!(
-                    idle_timeout = ?self.config.idle_timeout,
-                    "no message within the idle timeout; exiting"
-                );
-                return Ok(StopReason::Idle);
-            }
             let received = tokio::select! {
                 () = shutdown.as_mut() => {
                     tracing::info!("stop requested; taking no more messages");

@@ -76,9 +76,11 @@ fn main() -> ExitCode {
                 // Once logging is up the failure is a log line (JSON when asked for);
                 // before that, plain stderr is all there is.
                 Failure::Runtime(err) if TRACING_READY.load(Ordering::Acquire) => {
-                    tracing::error!(error = format!("{err:#}"), "failed");
+                    tracing::error!(error = telemetry::error_chain(err.as_ref()), "failed");
                 }
-                Failure::Runtime(err) => eprintln!("error: {err:#}"),
+                Failure::Runtime(err) => {
+                    eprintln!("error: {}", telemetry::error_chain(err.as_ref()))
+                }
             }
             failure.exit_code()
         }

@@ -71,6 +71,14 @@ fn queue_name_is_required_and_valid() {
         &[("AZURE_SERVICEBUS_QUEUE_NAME", Some("bad queue!"))],
         "AZURE_SERVICEBUS_QUEUE_NAME",
     );
+    // The consumer may read a dead-letter queue; the producer cannot send there.
+    refused(
+        &[(
+            "AZURE_SERVICEBUS_QUEUE_NAME",
+            Some("orders/$DeadLetterQueue"),
+        )],
+        "AZURE_SERVICEBUS_QUEUE_NAME",
+    );
 }
 
 #[test]
@@ -381,6 +389,22 @@ fn bad_scaler_settings_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let dir_path = dir.path().to_str().expect("utf-8").to_string();
     let scaler = ("OPERATION_MODE", Some("scaler".to_string()));
+    // A real certificate and key, and a file that is neither: a wrong file in a Secret is a
+    // configuration error naming its setting, not a gRPC server failing after start-up.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let file = |name: &str, contents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).expect("write");
+        Some(path.to_str().expect("utf-8").to_string())
+    };
+    let cert_file = file("scaler.pem", &cert.pem());
+    let key_file = file("scaler.key", &key.serialize_pem());
+    let garbage = file("garbage.pem", "this is not PEM\n");
+    let key_as_cert = file("key-as-cert.pem", &key.serialize_pem());
     let cases: Vec<(OwnedOverrides, &str)> = vec![
         (
             vec![
@@ -403,6 +427,47 @@ fn bad_scaler_settings_are_refused() {
                 ("SCALER_TLS_KEY_FILE", Some(dir_path.clone())),
             ],
             "SCALER_TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", garbage.clone()),
+                ("SCALER_TLS_KEY_FILE", key_file.clone()),
+            ],
+            "SCALER_TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", key_as_cert),
+                ("SCALER_TLS_KEY_FILE", key_file.clone()),
+            ],
+            "SCALER_TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", cert_file.clone()),
+                ("SCALER_TLS_KEY_FILE", garbage.clone()),
+            ],
+            "SCALER_TLS_KEY_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", cert_file.clone()),
+                ("SCALER_TLS_KEY_FILE", cert_file.clone()),
+            ],
+            "SCALER_TLS_KEY_FILE",
+        ),
+        (
+            vec![
+                scaler.clone(),
+                ("SCALER_TLS_CERT_FILE", cert_file),
+                ("SCALER_TLS_KEY_FILE", key_file),
+                ("SCALER_TLS_CLIENT_CA_FILE", garbage),
+            ],
+            "SCALER_TLS_CLIENT_CA_FILE",
         ),
         (
             vec![

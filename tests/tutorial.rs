@@ -424,6 +424,53 @@ fn workload_identity_without_a_matching_federated_credential_fails_fast() {
     );
 }
 
+/// A token endpoint that cannot be reached is retried by our policy only (one connection
+/// per attempt, not the identity SDK's own retries inside each), and the error says which
+/// endpoint and setting to check and why it failed.
+#[test]
+fn an_unreachable_token_endpoint_is_named_and_retried_only_by_our_policy() {
+    let broker = Broker::start();
+    // Takes connections and closes them at once: every token request fails in transport.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let authority = format!("https://127.0.0.1:{port}/");
+    let env = env_with(
+        &broker.workload_env,
+        &[
+            ("AZURE_AUTHORITY_HOST", authority.as_str()),
+            ("RETRY_MAX_ATTEMPTS", "3"),
+        ],
+    );
+    let output = run_demo(
+        &env,
+        &[("OPERATION_MODE", "producer"), ("MESSAGE_COUNT", "1")],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let last = log_lines(&output).pop().expect("a last log line");
+    let error = log_field(&last, "error")
+        .and_then(|e| e.as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains(&authority) && error.contains("AZURE_AUTHORITY_HOST"),
+        "the error names the endpoint and its setting: {error}"
+    );
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1 + 3,
+        "one connection for the first attempt and one per retry (RETRY_MAX_ATTEMPTS)\n{}",
+        describe(&output)
+    );
+}
+
 /// A SAS connection string for a TLS endpoint (no UseDevelopmentEmulator): AMQP over TLS with
 /// the broker's CA trusted through SSL_CERT_FILE; without it the certificate is refused with a
 /// message that says where trust comes from, and that is not retried.
