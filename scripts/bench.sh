@@ -42,7 +42,10 @@ else
 fi
 PRODUCER_COUNTS=${BENCH_PRODUCER_COUNTS:-$default_producer_counts}
 CONSUMER_COUNT=${BENCH_CONSUMER_COUNT:-$default_consumer_count}
-PREFETCHES=${BENCH_PREFETCHES:-0 100}
+read -ra prefetch_list <<<"${BENCH_PREFETCHES:-0 100}"
+PREFETCHES=${prefetch_list[*]}
+LAST_PREFETCH=""
+((${#prefetch_list[@]})) && LAST_PREFETCH=${prefetch_list[${#prefetch_list[@]} - 1]}
 SIZE=${BENCH_MESSAGE_SIZE:-1024}
 COLD_RUNS=${BENCH_COLD_RUNS:-$default_cold_runs}
 REPEATS=${BENCH_REPEATS:-$default_repeats}
@@ -60,6 +63,7 @@ die() {
 for number in "$CONSUMER_COUNT" "$SIZE" "$COLD_RUNS" "$REPEATS" "$SCALER_CALLERS" "$SCALER_WAVES" $PRODUCER_COUNTS $PREFETCHES; do
     [[ "$number" =~ ^[0-9]+$ ]] || die "not a number: $number (check the BENCH_* settings)"
 done
+[[ -n "$LAST_PREFETCH" ]] || die "BENCH_PREFETCHES names no prefetch setting"
 [[ -x "$PYTHON" ]] || die "no Python at $PYTHON (set BENCH_PYTHON)"
 "$PYTHON" -c 'import azure.servicebus' 2>/dev/null || die "$PYTHON lacks azure-servicebus"
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is missing (apt-get install time)"
@@ -254,14 +258,18 @@ one_cpu="" allowed_cpus=""
 if [[ "${BENCH_ONE_CPU:-1}" == 1 && " $PREFETCHES " == *" 0 "* ]] && command -v taskset >/dev/null && (($(nproc) > 1)); then
     allowed_cpus=$(taskset -c -p $$ | sed 's/.*: *//') # e.g. "0-3" or "2,5"
     one_cpu=${allowed_cpus%%[,-]*}
-    taskset -a -c -p "$one_cpu" "${PIDS[0]}" >/dev/null 2>&1 || one_cpu=""
+    if ! taskset -a -c -p "$one_cpu" "${PIDS[0]}" >/dev/null 2>&1; then
+        echo "cannot pin the broker to CPU $one_cpu: skipping the one-CPU rerun" >&2
+        one_cpu=""
+    fi
 fi
 if [[ -n "$one_cpu" ]]; then
     echo "consumer, prefetch 0, broker and clients on CPU $one_cpu (x$REPEATS)..." >&2
     PIN=(taskset -c "$one_cpu")
     measure_consumer 0 one_cpu
     PIN=()
-    taskset -a -c -p "$allowed_cpus" "${PIDS[0]}" >/dev/null
+    taskset -a -c -p "$allowed_cpus" "${PIDS[0]}" >/dev/null ||
+        echo "could not give the broker its CPUs back; later figures ran on CPU $one_cpu" >&2
 fi
 
 # --- cold start (workload identity: token file -> token endpoint -> $cbs over TLS) -----------
@@ -296,7 +304,7 @@ with_env "$WORKLOAD_ENV" env OPERATION_MODE=producer MESSAGE_COUNT="$count" MESS
     /usr/bin/time -f %M -o "$log.rss" "$OURS" >"$log.out" 2>"$log.err" || die "producer failed: $(tail -n 5 "$log.err")"
 R[ours_send_rss_wi]=$(rss_mb "$log.rss")
 log=$(next_log rss-consumer)
-prefetch=${PREFETCHES##* }
+prefetch=$LAST_PREFETCH
 with_env "$WORKLOAD_ENV" env OPERATION_MODE=consumer MESSAGE_COUNT="$count" PREFETCH="$prefetch" CONSUMER_IDLE_TIMEOUT=10s \
     RUST_LOG=info /usr/bin/time -f %M -o "$log.rss" "$OURS" >"$log.out" 2>"$log.err" || die "consumer failed: $(tail -n 5 "$log.err")"
 R[ours_recv_rss_wi]=$(rss_mb "$log.rss")
@@ -375,9 +383,8 @@ row "cold start consumer: exec -> first message completed (ms, median of $COLD_R
     "${R[cold_consumer]}" "-" "-" "-" "-"
 row "peak RSS producer (MB, last producer run, SAS)" "${R[ours_send_rss]}" "${R[py_send_rss]}" "-" \
     "$(ratio "${R[ours_send_rss]}" "${R[py_send_rss]}")" "-"
-last_prefetch=${PREFETCHES##* }
-row "peak RSS consumer (MB, prefetch $last_prefetch, SAS)" "${R[ours_recv_rss_$last_prefetch]}" "${R[py_recv_rss_$last_prefetch]}" "-" \
-    "$(ratio "${R[ours_recv_rss_$last_prefetch]}" "${R[py_recv_rss_$last_prefetch]}")" "-"
+row "peak RSS consumer (MB, prefetch $LAST_PREFETCH, SAS)" "${R[ours_recv_rss_$LAST_PREFETCH]}" "${R[py_recv_rss_$LAST_PREFETCH]}" "-" \
+    "$(ratio "${R[ours_recv_rss_$LAST_PREFETCH]}" "${R[py_recv_rss_$LAST_PREFETCH]}")" "-"
 row "peak RSS producer / consumer (MB, workload identity over TLS, $(thousands "$count") msgs)" \
     "${R[ours_send_rss_wi]} / ${R[ours_recv_rss_wi]}" "-" "-" "-" "-"
 row "release binary size (as built / stripped)" "$(mb "${R[size]}") / $(mb "${R[size_stripped]:-}")" "-" "-" "-" "-"

@@ -23,7 +23,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::Sha256;
 
 use crate::config::{AuthConfig, SharedAccessKey};
-use crate::telemetry::{error_chain, Metrics, RequestOutcome};
+use crate::telemetry::{error_chain, one_line, Metrics, RequestOutcome};
 
 /// The Entra scope of every Service Bus data-plane and management call.
 pub const SERVICE_BUS_SCOPE: &str = "https://servicebus.azure.net/.default";
@@ -397,7 +397,7 @@ fn classify(candidate: &NamedCredential, err: azure_core::Error) -> AuthError {
         Some(code) if (400..500).contains(&code) && code != 429 && code != 408 => {
             AuthError::Refused {
                 credential,
-                message: join_lines(&err.to_string()),
+                message: one_line(&err.to_string()),
             }
         }
         // Unreachable: the transport's own reason (connection refused, DNS) is further down
@@ -423,16 +423,6 @@ fn find_http_status(err: &azure_core::Error) -> Option<u16> {
         azure_core::error::ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
         _ => None,
     }
-}
-
-/// All non-empty lines of `text`, trimmed and joined with spaces: error messages from the
-/// identity libraries span several lines, and a log field or status message must be one.
-fn join_lines(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn client_options(authority_host: Option<&str>) -> ClientOptions {
@@ -467,7 +457,7 @@ fn workload_identity(
     )
     .map_err(|err| AuthError::Setup {
         credential: "workload identity",
-        message: join_lines(&err.to_string()),
+        message: one_line(&err.to_string()),
     })?;
     let authority = authority_host.unwrap_or(DEFAULT_AUTHORITY_HOST);
     Ok(NamedCredential {
@@ -486,11 +476,11 @@ fn ambient(client_id: Option<&str>) -> Result<Vec<NamedCredential>, AuthError> {
     }))
     .map_err(|err| AuthError::Setup {
         credential: "managed identity",
-        message: join_lines(&err.to_string()),
+        message: one_line(&err.to_string()),
     })?;
     let developer = DeveloperToolsCredential::new(None).map_err(|err| AuthError::Setup {
         credential: "developer tools",
-        message: join_lines(&err.to_string()),
+        message: one_line(&err.to_string()),
     })?;
     Ok(vec![
         NamedCredential {
@@ -640,11 +630,11 @@ mod tests {
     }
 
     #[test]
-    fn join_lines_makes_one_line_of_all_non_empty_lines() {
+    fn multi_line_identity_errors_become_one_line() {
         assert_eq!(
-            join_lines("AADSTS700016: app not found\n\n  Trace ID: 42  \nmore"),
+            one_line("AADSTS700016: app not found\n\n  Trace ID: 42  \nmore"),
             "AADSTS700016: app not found Trace ID: 42 more"
         );
-        assert_eq!(join_lines("single"), "single");
+        assert_eq!(one_line("single"), "single");
     }
 }

@@ -925,6 +925,15 @@ fn parse_endpoint(endpoint: &str, emulator: bool) -> Result<Namespace, String> {
         .host_str()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| "malformed: Endpoint has no host".to_string())?;
+    // sb:// URLs take almost anything as a host; a key glued on by a lost ';' would be one.
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+    {
+        return Err(
+            "malformed: Endpoint's host is not a host name (or a ';' is missing after it)".into(),
+        );
+    }
     if !matches!(url.path(), "" | "/") {
         return Err(
             "malformed: Endpoint must not have a path (use EntityPath; or a ';' is missing after it)"
@@ -958,21 +967,20 @@ fn parse_queue_name(args: &Args, entity_path: Option<&str>) -> Result<Option<Str
                 Some(path) if !names_queue_of(name, path) => Err(ConfigError::new(
                     SETTING,
                     format!(
-                        "{name:?} is not the queue AZURE_SERVICEBUS_CONNECTION_STRING is scoped to (EntityPath={path:?}); unset one of them or make them agree"
+                        "{name:?} is not the queue AZURE_SERVICEBUS_CONNECTION_STRING is scoped to (EntityPath={}); unset one of them or make them agree",
+                        shown_entity_path(path)
                     ),
                 )),
                 _ => Ok(Some(name.to_string())),
             }
         }
-        (None, Some(path)) => {
-            validate_entity_name(path).map_err(|problem| {
-                ConfigError::new(
-                    "AZURE_SERVICEBUS_CONNECTION_STRING",
-                    format!("EntityPath: {problem}"),
-                )
-            })?;
-            Ok(Some(path.to_string()))
-        }
+        (None, Some(path)) => match entity_name_problem(path) {
+            Some(problem) => Err(ConfigError::new(
+                "AZURE_SERVICEBUS_CONNECTION_STRING",
+                format!("EntityPath {} {problem}", shown_entity_path(path)),
+            )),
+            None => Ok(Some(path.to_string())),
+        },
         (None, None) => Ok(None),
     }
 }
@@ -1000,28 +1008,43 @@ const DEAD_LETTER_SUFFIX: &str = "/$DeadLetterQueue";
 /// Service Bus queue names: up to 260 characters, letters, digits, `.`, `-`, `_`, `/`
 /// (not at the start or end).
 pub fn validate_entity_name(name: &str) -> Result<(), String> {
+    entity_name_problem(name).map_or(Ok(()), |problem| Err(format!("{name:?} {problem}")))
+}
+
+/// What is wrong with a queue name, without the name (the caller decides whether to show it).
+fn entity_name_problem(name: &str) -> Option<&'static str> {
     // A queue's dead-letter sub-queue can be read like a queue.
     let name = name.strip_suffix(DEAD_LETTER_SUFFIX).unwrap_or(name);
     if name.is_empty() {
-        return Err("empty queue name".into());
+        return Some("is an empty queue name");
     }
     if name.len() > 260 {
-        return Err(format!("{name:?} is longer than 260 characters"));
+        return Some("is longer than 260 characters");
     }
     let valid = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
     if !valid {
-        return Err(format!(
-            "{name:?} has invalid characters (letters, digits, '.', '-', '_', '/' only)"
-        ));
+        return Some("has invalid characters (letters, digits, '.', '-', '_', '/' only)");
     }
     if name.starts_with(['/', '.', '-']) || name.ends_with(['/', '.', '-']) {
-        return Err(format!(
-            "{name:?} must not start or end with '/', '.' or '-'"
-        ));
+        return Some("must not start or end with '/', '.' or '-'");
     }
-    Ok(())
+    None
+}
+
+/// The connection string's EntityPath as an error may show it: only when it is made of
+/// queue-name characters and is not as long as a key (a key pasted into the wrong part, or
+/// glued to it by a lost ';', has other characters or is 40 or more of the base64 alphabet).
+fn shown_entity_path(path: &str) -> String {
+    let name_characters = path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+    if name_characters && path.len() < 40 {
+        format!("{path:?}")
+    } else {
+        "(not shown: it may hold a key)".to_string()
+    }
 }
 
 fn parse_producer(args: &Args, queue: Option<String>) -> Result<ProducerConfig, ConfigError> {
@@ -1928,10 +1951,13 @@ mod fuzz {
                     Just(SHORT_KEY.to_string()),
                     Just(format!("Endpoint=sb://localhost/SharedAccessKey={KEY}")),
                     Just(format!("Endpoint=sb://localhost SharedAccessKey={KEY}")),
+                    Just(format!("Endpoint=sb://localhostSharedAccessKey={KEY}")),
                     Just(format!("Endpoint=sb://localhost/SharedAccessKey={SHORT_KEY}")),
                     Just(format!("UseDevelopmentEmulator=true SharedAccessKey={KEY}")),
                     Just(format!("UseDevelopmentEmulator=true{SHORT_KEY}")),
                     Just(format!("EntityPath=q SharedAccessKey={KEY}")),
+                    Just(format!("EntityPath={KEY}")),
+                    Just(format!("EntityPath={}", KEY.trim_end_matches('='))),
                     "UseDevelopmentEmulator=(true|false|TRUE|yes|)",
                     "EntityPath=[a-z]{0,8}",
                     "[A-Za-z]{0,12}(=[^;]{0,10})?",
@@ -1939,10 +1965,27 @@ mod fuzz {
                 0..7,
             ),
             separator in prop_oneof![Just(";"), Just(" ; "), Just(";;")],
+            // Often a valid start, so that the later parts reach the checks after parsing.
+            start in prop_oneof![
+                Just(""),
+                Just("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=k;"),
+            ],
+            queue_name in prop_oneof![Just(None), Just(Some("orders"))],
         ) {
-            let raw = parts.join(separator);
+            let raw = format!("{start}{}", parts.join(separator));
             if let Err(err) = ConnectionString::parse(&raw) {
                 prop_assert_eq!(err.setting, "AZURE_SERVICEBUS_CONNECTION_STRING");
+                let shown = err.to_string();
+                for key in [KEY, SHORT_KEY] {
+                    prop_assert!(!shows_part_of(&shown, key), "{raw:?}: {shown}");
+                }
+            }
+            // The parsed parts are checked further (EntityPath against the queue name) by
+            // the whole configuration: its errors must not show the key either.
+            let mut args = base(Mode::Producer, false);
+            args.connection_string = Some(raw.clone());
+            args.queue_name = queue_name.map(str::to_string);
+            if let Err(err) = Config::from_args(args) {
                 let shown = err.to_string();
                 for key in [KEY, SHORT_KEY] {
                     prop_assert!(!shows_part_of(&shown, key), "{raw:?}: {shown}");

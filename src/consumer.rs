@@ -10,6 +10,7 @@
 //!   abandoned (redelivered at once to someone else), finished ones are already settled.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +19,7 @@ use tracing::Instrument;
 use crate::auth::Credentials;
 use crate::config::{CommonConfig, ConsumerConfig};
 use crate::servicebus::diagnostics::continue_trace;
-use crate::servicebus::{retry, QueueReceiver, ReceivedMessage, ServiceBusError};
+use crate::servicebus::{backoff_delay, retry, QueueReceiver, ReceivedMessage, ServiceBusError};
 use crate::telemetry::{self, Metrics, Readiness, SettleOutcome};
 
 /// How long a continuous worker waits in one receive call before looking around again.
@@ -103,6 +104,52 @@ struct Consumer<'a> {
     summary: Summary,
     /// Received but not finished when a stop was requested.
     unfinished: Vec<ReceivedMessage>,
+    /// Connections lost in a row with no progress in between.
+    losses: LossStreak,
+}
+
+/// A reconnected link that stays up this long counts as progress, as a message does.
+const STABLE_CONNECTION: Duration = Duration::from_secs(60);
+
+/// Connections lost in a row with no message and no stable connection in between. A broker
+/// that accepts us and drops us again at once (an authorisation it keeps refusing after the
+/// attach, say) meets a growing backoff and, after the retry budget, an error instead of a
+/// reconnect loop; a quiet worker whose connection is dropped now and then never runs out.
+#[derive(Default)]
+struct LossStreak {
+    count: AtomicU32,
+    connected_at: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LossStreak {
+    /// Counts a lost connection; returns how many in a row, this one included.
+    fn lost(&self) -> u32 {
+        self.lost_at(Instant::now())
+    }
+
+    fn lost_at(&self, now: Instant) -> u32 {
+        let connected_at = *self
+            .connected_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if connected_at.is_some_and(|at| now.saturating_duration_since(at) >= STABLE_CONNECTION) {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn reconnected(&self) {
+        *self
+            .connected_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn progressed(&self) {
+        if self.count.load(Ordering::Relaxed) != 0 {
+            self.count.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Run the consumer on a thread of its own with a single-threaded runtime, which also hosts
@@ -197,6 +244,7 @@ async fn consume(
             stop: StopReason::Done,
         },
         unfinished: Vec::new(),
+        losses: LossStreak::default(),
     };
     tokio::pin!(shutdown);
     let mut receiver = tokio::select! {
@@ -260,9 +308,19 @@ impl Consumer<'_> {
         receiver: &mut QueueReceiver,
         cause: &ServiceBusError,
     ) -> Result<(), ServiceBusError> {
+        let losses = self.losses.lost();
+        if losses > self.common.retry.max_attempts + 1 {
+            return Err(ServiceBusError::Protocol(format!(
+                "{cause}; gave up after {losses} lost connections with no message in between"
+            )));
+        }
         tracing::warn!(error = %cause, "connection lost; reconnecting");
         self.metrics.reconnect();
+        if losses > 1 {
+            tokio::time::sleep(backoff_delay(&self.common.retry, losses - 1)).await;
+        }
         let fresh = self.open().await?;
+        self.losses.reconnected();
         let old = std::mem::replace(receiver, fresh);
         old.close().await;
         Ok(())
@@ -332,6 +390,7 @@ impl Consumer<'_> {
             match received {
                 Ok(Some(message)) => {
                     last_message = Instant::now();
+                    self.losses.progressed();
                     // One span per message: with OTLP export each becomes a trace.
                     let span = tracing::info_span!(
                         "process message",
@@ -615,6 +674,34 @@ fn renew_in(locked_until: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_connections_count_until_a_message_or_a_stable_connection() {
+        let losses = LossStreak::default();
+        let start = Instant::now();
+        assert_eq!(losses.lost_at(start), 1);
+        losses.reconnected();
+        assert_eq!(
+            losses.lost_at(Instant::now()),
+            2,
+            "dropped right after reconnecting"
+        );
+        losses.progressed();
+        assert_eq!(
+            losses.lost_at(Instant::now()),
+            1,
+            "a message in between resets"
+        );
+        losses.reconnected();
+        assert_eq!(losses.lost_at(Instant::now()), 2);
+        losses.reconnected();
+        let later = Instant::now() + STABLE_CONNECTION;
+        assert_eq!(
+            losses.lost_at(later),
+            1,
+            "a connection that stayed up resets"
+        );
+    }
 
     #[test]
     fn credit_never_exceeds_what_is_still_wanted() {

@@ -70,24 +70,28 @@ pub enum TelemetryError {
 }
 
 /// An error and its causes as one log line, each message once: our errors often show their
-/// source in their own text, and identity-library errors span several lines.
+/// source in their own text.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(err);
     while let Some(err) = next {
-        let text = err
-            .to_string()
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let text = one_line(&err.to_string());
         if !text.is_empty() && !parts.iter().any(|seen| seen.contains(&text)) {
             parts.push(text);
         }
         next = err.source();
     }
     parts.join(": ")
+}
+
+/// All non-empty lines of `text`, trimmed and joined with spaces: identity-library errors span
+/// several lines, and a log field or status message must be one.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 // ---------------------------------------------------------------------------------------------

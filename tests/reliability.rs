@@ -848,12 +848,11 @@ fn sigterm_mid_produce_loses_nothing_reported_as_sent() {
 }
 
 /// A connection string with a fixed SharedAccessSignature that expires a few seconds into
-/// the run: the refresher re-presents it while it is valid, then stops with one error once
-/// it has expired (no new signature can come from a fixed one) instead of retrying forever;
-/// when the broker drops the lapsed links, the consumer reconnects, is refused the expired
-/// signature and exits 1 saying so.
+/// the run: no new signature can come from a fixed one, so nothing retries it. When it
+/// lapses (the refresher, or the reconnect after the broker drops the lapsed link, whichever
+/// asks first, finds it expired) the consumer exits 1 saying so, without a retry loop.
 #[test]
-fn an_expired_fixed_signature_ends_the_consumer_with_one_error() {
+fn an_expired_fixed_signature_ends_the_consumer_without_retrying() {
     use base64::Engine as _;
     use hmac::Mac as _;
     use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -899,27 +898,21 @@ fn an_expired_fixed_signature_ends_the_consumer_with_one_error() {
     let mut captured = Captured::new();
     let code = exit_within(consumer, logs, &mut captured, Duration::from_secs(60));
     assert_eq!(code, Some(1), "{}", captured.text());
+    // At most the refresher's one report: an expired signature is never retried.
     let failures = captured.messages_starting_with("token refresh failed");
-    assert_eq!(failures.len(), 1, "{}", captured.text());
-    let failure = &failures[0];
-    assert_eq!(
-        failure["level"].as_str(),
-        Some("ERROR"),
-        "{}",
-        captured.text()
-    );
+    assert!(failures.len() <= 1, "{}", captured.text());
+    for failure in &failures {
+        assert_eq!(failure["level"].as_str(), Some("ERROR"), "{failure}");
+        assert!(
+            log_field(failure, "error")
+                .and_then(|e| e.as_str())
+                .is_some_and(|e| e.contains("expired")),
+            "{failure}"
+        );
+    }
     assert!(
-        log_field(failure, "error")
-            .and_then(|e| e.as_str())
-            .is_some_and(|e| e.contains("expired")),
-        "{failure}"
-    );
-    let lapsed = captured.messages_starting_with("connection lost");
-    assert!(
-        lapsed.iter().any(|line| log_field(line, "error")
-            .and_then(|e| e.as_str())
-            .is_some_and(|e| e.contains("authorisation lapsed"))),
-        "the broker dropped the lapsed link\n{}",
+        captured.messages_starting_with("connect failed").is_empty(),
+        "the reconnect is not retried either\n{}",
         captured.text()
     );
     let last = captured.json().pop().expect("a last log line");
@@ -927,7 +920,7 @@ fn an_expired_fixed_signature_ends_the_consumer_with_one_error() {
         log_message(&last) == "failed"
             && log_field(&last, "error")
                 .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("expired")),
+                .is_some_and(|e| e.contains("SharedAccessSignature") && e.contains("expired")),
         "the run ends on the expired signature\n{}",
         captured.text()
     );
@@ -985,6 +978,53 @@ fn a_token_that_can_no_longer_be_renewed_ends_the_consumer_when_it_lapses() {
                 .and_then(|e| e.as_str())
                 .is_some_and(|e| e.contains("AADSTS")),
         "the run ends on Entra's refusal\n{}",
+        captured.text()
+    );
+}
+
+/// A broker that drops the consumer every time soon after it connects, with no message in
+/// between: after the retry budget the consumer gives up with exit 1 instead of reconnecting
+/// forever (each reconnect also waits for the backoff; see the consumer's unit tests).
+#[test]
+fn a_broker_that_keeps_dropping_the_consumer_ends_it_after_the_retry_budget() {
+    let broker = Broker::start();
+    let env = with(&broker.emulator_env, &retry_env(2));
+    let (consumer, logs) = spawn_demo(
+        &env,
+        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
+    );
+    // Each new connection is dropped once it has had time to attach.
+    let watching = std::sync::atomic::AtomicBool::new(true);
+    let mut captured = Captured::new();
+    let code = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seen = 0;
+            let until = Instant::now() + Duration::from_secs(90);
+            while watching.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                let now = amqp_connections(&broker);
+                if now > seen {
+                    seen = now;
+                    std::thread::sleep(Duration::from_millis(300));
+                    broker.fault("/$admin/drop-connections");
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        let code = exit_within(consumer, logs, &mut captured, Duration::from_secs(60));
+        watching.store(false, std::sync::atomic::Ordering::SeqCst);
+        code
+    });
+    assert_eq!(code, Some(1), "{}", captured.text());
+    // RETRY_MAX_ATTEMPTS=2: the first loss and two more are reconnected, the fourth ends it.
+    let lost = captured.messages_starting_with("connection lost; reconnecting");
+    assert_eq!(lost.len(), 3, "{}", captured.text());
+    let last = captured.json().pop().expect("a last log line");
+    assert!(
+        log_field(&last, "error")
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.contains("no message in between")),
+        "{}",
         captured.text()
     );
 }

@@ -66,6 +66,8 @@ impl Sblocal {
         Sblocal { broker }
     }
 
+    /// `Broker::stats` uses a blocking client, which must not run inside these tests'
+    /// runtime.
     async fn stats(&self) -> serde_json::Value {
         let url = format!("{}/$admin/stats", self.broker.http_base());
         let body = reqwest::get(url)

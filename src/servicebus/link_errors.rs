@@ -33,7 +33,7 @@ pub fn session_stopped(context: &str, reason: &SessionStopReason) -> ServiceBusE
 fn remote_detach(context: &str, err: &Error) -> ServiceBusError {
     match ServiceBusError::from_amqp(context, err) {
         ServiceBusError::Unauthorized(detail) => ServiceBusError::Disconnected(format!(
-            "{detail} (the link's authorisation lapsed; reconnecting with a new token)"
+            "{detail} (the link's authorisation lapsed or was withdrawn; reconnecting with a new token)"
         )),
         classified => classified,
     }

@@ -356,15 +356,17 @@ pub fn wait_for_line(
     captured: &mut String,
     needle: &str,
 ) -> String {
-    let found = logs.wait_for(Duration::from_secs(30), |line| {
-        captured.push_str(line);
+    loop {
+        let Some(line) = logs.next_line(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("no {needle:?} in:\n{captured}");
+        };
+        captured.push_str(&line);
         captured.push('\n');
-        line.contains(needle)
-    });
-    found.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("no {needle:?} in:\n{captured}");
-    })
+        if line.contains(needle) {
+            return line;
+        }
+    }
 }
 
 /// Lines of a child's stdout and stderr, merged, as they come (logs may go to either).
@@ -398,11 +400,16 @@ impl LogStream {
         self.lines.recv_timeout(wait).ok()
     }
 
-    /// The first line `wanted` accepts; `None` when both streams ended or nothing came for
-    /// `idle`.
-    pub fn wait_for(&self, idle: Duration, mut wanted: impl FnMut(&str) -> bool) -> Option<String> {
+    /// The first line `wanted` accepts within `timeout`; `None` when both streams ended or
+    /// the time is up.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
         loop {
-            let line = self.next_line(idle)?;
+            let line = self.next_line(deadline.checked_duration_since(Instant::now())?)?;
             if wanted(&line) {
                 return Some(line);
             }

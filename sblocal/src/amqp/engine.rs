@@ -419,8 +419,10 @@ impl<H: Handler> Connection<H> {
                 let description = error.description.clone().unwrap_or_default();
                 self.close_with(io, error.condition, description)?;
             }
-            for (key, error) in self.handler.detach_requested() {
-                self.detach_link(io, key, Some(error))?;
+            if !self.closing {
+                for (key, error) in self.handler.detach_requested() {
+                    self.detach_link(io, key, Some(error))?;
+                }
             }
             if !self.closing {
                 self.pump(io)?;
@@ -448,7 +450,7 @@ impl<H: Handler> Connection<H> {
                     }
                 }
                 _ = wake.notified() => {}
-                _ = sleep_until(deadline), if deadline.is_some() => {}
+                () = sleep_until(deadline) => {}
                 _ = heartbeat.tick(), if heartbeat_period.is_some() => {
                     frame::encode_empty(&mut io.output);
                 }

@@ -61,6 +61,18 @@ enum LinkRole {
     },
 }
 
+impl LinkRole {
+    /// For a link that sends to or receives from an entity (the ones a grant authorises):
+    /// the entity, and whether the client sends.
+    fn entity_link(&self) -> Option<(&Entity, bool)> {
+        match self {
+            LinkRole::Sender { entity, .. } => Some((entity, true)),
+            LinkRole::Receiver { entity, .. } => Some((entity, false)),
+            _ => None,
+        }
+    }
+}
+
 pub struct BrokerConnection {
     broker: Arc<Broker>,
     control: Arc<ConnectionControl>,
@@ -839,17 +851,19 @@ impl Handler for BrokerConnection {
     }
 
     /// Service Bus drops an entity's links once the token that authorised them lapses (the
-    /// client is expected to put a new one on `$cbs` before that).
+    /// client is expected to put a new one on `$cbs` before that). Asked after every frame
+    /// batch, so it does nothing until a grant has expired, and then forgets that grant.
     fn detach_requested(&mut self) -> Vec<(LinkKey, Error)> {
-        let lapsed: Vec<(LinkKey, Error)> = self
-            .links
+        let now = SystemTime::now();
+        if !self.grants.iter().any(|(_, grant)| grant.expires_at <= now) {
+            return Vec::new();
+        }
+        // An expired grant gives no rights (see `rights`); dropping it changes nothing else.
+        self.grants.retain(|(_, grant)| grant.expires_at > now);
+        self.links
             .iter()
             .filter_map(|(key, role)| {
-                let (entity, sends) = match role {
-                    LinkRole::Sender { entity, .. } => (entity, true),
-                    LinkRole::Receiver { entity, .. } => (entity, false),
-                    _ => return None,
-                };
+                let (entity, sends) = role.entity_link()?;
                 self.require(entity, sends).err()?;
                 let description = format!(
                     "The token authorising '{}' has expired; put a new token on $cbs before the current one expires.",
@@ -857,16 +871,11 @@ impl Handler for BrokerConnection {
                 );
                 Some((*key, error(AmqpError::UnauthorizedAccess, description)))
             })
-            .collect();
-        lapsed
+            .collect()
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        if !self
-            .links
-            .values()
-            .any(|role| matches!(role, LinkRole::Sender { .. } | LinkRole::Receiver { .. }))
-        {
+        if !self.links.values().any(|role| role.entity_link().is_some()) {
             return None;
         }
         let now = SystemTime::now();
