@@ -122,6 +122,12 @@ impl Captured {
             .collect()
     }
 
+    /// The error of the run's last line when that line says it failed.
+    fn final_error(&self) -> Option<String> {
+        let last = self.json().pop()?;
+        (log_message(&last) == "failed").then(|| error_of(&last).to_string())
+    }
+
     fn metrics_addr(&self) -> Option<String> {
         self.json()
             .iter()
@@ -130,6 +136,13 @@ impl Captured {
             .and_then(|a| a.as_str())
             .map(str::to_string)
     }
+}
+
+/// The `error` field of a log line ("" without one).
+fn error_of(line: &serde_json::Value) -> &str {
+    log_field(line, "error")
+        .and_then(|e| e.as_str())
+        .unwrap_or_default()
 }
 
 /// Read lines until `done` says so; panics (killing the child) when nothing comes for a while.
@@ -588,9 +601,8 @@ fn server_busy_sends_back_off_without_a_tight_loop() {
     let busy = failures
         .iter()
         .filter(|l| {
-            log_field(l, "error")
-                .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("server busy") || e.contains("server-busy"))
+            let error = error_of(l);
+            error.contains("server busy") || error.contains("server-busy")
         })
         .count();
     assert!(
@@ -747,11 +759,9 @@ fn an_unanswered_token_refresh_is_retried_on_a_fresh_cbs_link() {
     let failed = captured.messages_starting_with("token refresh failed");
     assert!(
         !failed.is_empty()
-            && failed.iter().all(|line| {
-                log_field(line, "error")
-                    .and_then(|e| e.as_str())
-                    .is_some_and(|e| e.contains("put-token timed out"))
-            }),
+            && failed
+                .iter()
+                .all(|line| { error_of(line).contains("put-token timed out") }),
         "the refresh failed by timing out\n{}",
         captured.text()
     );
@@ -903,24 +913,16 @@ fn an_expired_fixed_signature_ends_the_consumer_without_retrying() {
     assert!(failures.len() <= 1, "{}", captured.text());
     for failure in &failures {
         assert_eq!(failure["level"].as_str(), Some("ERROR"), "{failure}");
-        assert!(
-            log_field(failure, "error")
-                .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("expired")),
-            "{failure}"
-        );
+        assert!(error_of(failure).contains("expired"), "{failure}");
     }
     assert!(
         captured.messages_starting_with("connect failed").is_empty(),
         "the reconnect is not retried either\n{}",
         captured.text()
     );
-    let last = captured.json().pop().expect("a last log line");
+    let error = captured.final_error().unwrap_or_default();
     assert!(
-        log_message(&last) == "failed"
-            && log_field(&last, "error")
-                .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("SharedAccessSignature") && e.contains("expired")),
+        error.contains("SharedAccessSignature") && error.contains("expired"),
         "the run ends on the expired signature\n{}",
         captured.text()
     );
@@ -965,18 +967,14 @@ fn a_token_that_can_no_longer_be_renewed_ends_the_consumer_when_it_lapses() {
         captured
             .messages_starting_with("connection lost")
             .iter()
-            .any(|line| log_field(line, "error")
-                .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("authorisation lapsed"))),
+            .any(|line| error_of(line).contains("authorisation lapsed")),
         "the lapsed link was dropped and the consumer reconnected\n{}",
         captured.text()
     );
-    let last = captured.json().pop().expect("a last log line");
     assert!(
-        log_message(&last) == "failed"
-            && log_field(&last, "error")
-                .and_then(|e| e.as_str())
-                .is_some_and(|e| e.contains("AADSTS")),
+        captured
+            .final_error()
+            .is_some_and(|error| error.contains("AADSTS")),
         "the run ends on Entra's refusal\n{}",
         captured.text()
     );
@@ -1019,11 +1017,10 @@ fn a_broker_that_keeps_dropping_the_consumer_ends_it_after_the_retry_budget() {
     // RETRY_MAX_ATTEMPTS=2: the first loss and two more are reconnected, the fourth ends it.
     let lost = captured.messages_starting_with("connection lost; reconnecting");
     assert_eq!(lost.len(), 3, "{}", captured.text());
-    let last = captured.json().pop().expect("a last log line");
     assert!(
-        log_field(&last, "error")
-            .and_then(|e| e.as_str())
-            .is_some_and(|e| e.contains("no message in between")),
+        captured
+            .final_error()
+            .is_some_and(|error| error.contains("no message in between")),
         "{}",
         captured.text()
     );
