@@ -59,7 +59,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid JSON: {0}")]
+    #[error("invalid JSON")]
     Json(#[from] serde_json::Error),
     #[error("queue {queue}: RequiresSession=true is not supported (sblocal serves no sessions)")]
     SessionsUnsupported { queue: String },
