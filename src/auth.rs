@@ -27,7 +27,7 @@ use crate::telemetry::{error_chain, one_line, Metrics, RequestOutcome};
 
 /// The Entra scope of every Service Bus data-plane and management call.
 pub const SERVICE_BUS_SCOPE: &str = "https://servicebus.azure.net/.default";
-/// Entra's public-cloud token endpoint, used when AZURE_AUTHORITY_HOST is not set.
+/// Entra's public-cloud authority host, used when AZURE_AUTHORITY_HOST is not set.
 const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
 
 /// Lifetime of the SAS tokens we sign (what Microsoft's SDKs use).
@@ -459,13 +459,14 @@ fn workload_identity(
         credential: "workload identity",
         message: one_line(&err.to_string()),
     })?;
-    let authority = authority_host.unwrap_or(DEFAULT_AUTHORITY_HOST);
+    let provider = match authority_host {
+        Some(host) => format!("authority host {host} from AZURE_AUTHORITY_HOST"),
+        None => format!("authority host {DEFAULT_AUTHORITY_HOST}: AZURE_AUTHORITY_HOST is not set"),
+    };
     Ok(NamedCredential {
         name: "workload identity (federated token file)",
         credential,
-        provider: Some(format!(
-            "token endpoint {authority} from AZURE_AUTHORITY_HOST"
-        )),
+        provider: Some(provider),
     })
 }
 
