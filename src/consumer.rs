@@ -146,9 +146,7 @@ impl LossStreak {
     }
 
     fn progressed(&self) {
-        if self.count.load(Ordering::Relaxed) != 0 {
-            self.count.store(0, Ordering::Relaxed);
-        }
+        self.count.store(0, Ordering::Relaxed);
     }
 }
 

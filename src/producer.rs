@@ -211,22 +211,27 @@ impl Run<'_> {
         if let Err(err) = answered {
             self.resend(&batch, err).instrument(span).await?;
             self.count(&batch, started);
-            for later in std::mem::take(&mut self.in_flight) {
-                tracing::info!(
-                    messages = later.batch.messages(),
-                    "resending a batch that was in flight on the lost connection"
-                );
-                let sent = self.sender.send_batch(&later.batch).await;
-                if let Err(err) = sent {
-                    self.resend(&later.batch, err)
-                        .instrument(later.span)
-                        .await?;
-                }
-                self.count(&later.batch, later.started);
-            }
-            return Ok(());
+            return self.resend_the_rest_in_flight().await;
         }
         self.count(&batch, started);
+        Ok(())
+    }
+
+    /// After a resend on a new connection: the batches that were in flight behind the failed
+    /// one went with the old link, so they follow it, in order, one at a time.
+    async fn resend_the_rest_in_flight(&mut self) -> Result<(), ServiceBusError> {
+        for later in std::mem::take(&mut self.in_flight) {
+            tracing::info!(
+                messages = later.batch.messages(),
+                "resending a batch that was in flight on the lost connection"
+            );
+            if let Err(err) = self.sender.send_batch(&later.batch).await {
+                self.resend(&later.batch, err)
+                    .instrument(later.span)
+                    .await?;
+            }
+            self.count(&later.batch, later.started);
+        }
         Ok(())
     }
 

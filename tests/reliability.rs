@@ -138,6 +138,14 @@ impl Captured {
     }
 }
 
+/// A consumer that runs until stopped (`MESSAGE_COUNT=0`, the worker of a Deployment).
+fn spawn_worker(env: &HashMap<String, String>) -> (Child, LogStream) {
+    spawn_demo(
+        env,
+        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
+    )
+}
+
 /// The `error` field of a log line ("" without one).
 fn error_of(line: &serde_json::Value) -> &str {
     log_field(line, "error")
@@ -495,10 +503,7 @@ fn refused_connections_are_retried_with_jittered_backoff_and_counted() {
     let budget = max_retries_within(window * 1000) + 10;
     let env = with(&broker.emulator_env, &retry_env(budget));
     broker.fault(&format!("/$admin/refuse-connections?seconds={window}"));
-    let (mut consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (mut consumer, logs) = spawn_worker(&env);
     let mut captured = Captured::new();
     // Wait for the window to pass, then give the consumer something to receive.
     let started = Instant::now();
@@ -660,10 +665,7 @@ fn short_token_lifetime_is_survived_by_cbs_reauthorisation() {
     let env = broker.workload_env.clone();
     let issued_before = broker.stats()["tokens_issued"].as_u64().expect("issued");
     broker.fault(&format!("/$admin/token-lifetime?seconds={lifetime}"));
-    let (mut consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (mut consumer, logs) = spawn_worker(&env);
     let mut captured = Captured::new();
     read_until(&mut consumer, &logs, &mut captured, |line| {
         line.contains("metrics address")
@@ -733,10 +735,7 @@ fn an_unanswered_token_refresh_is_retried_on_a_fresh_cbs_link() {
             ),
         ],
     );
-    let (mut consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (mut consumer, logs) = spawn_worker(&env);
     let mut captured = Captured::new();
     // Connected and authorised: from here on, any new connection would be a reconnect.
     read_until(&mut consumer, &logs, &mut captured, |line| {
@@ -901,10 +900,7 @@ fn an_expired_fixed_signature_ends_the_consumer_without_retrying() {
             format!("Endpoint={endpoint};SharedAccessSignature={sas};UseDevelopmentEmulator=true"),
         )],
     );
-    let (consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (consumer, logs) = spawn_worker(&env);
     let mut captured = Captured::new();
     let code = exit_within(consumer, logs, &mut captured, Duration::from_secs(60));
     assert_eq!(code, Some(1), "{}", captured.text());
@@ -950,10 +946,7 @@ fn a_token_that_can_no_longer_be_renewed_ends_the_consumer_when_it_lapses() {
             token_file.display().to_string(),
         )],
     );
-    let (mut consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (mut consumer, logs) = spawn_worker(&env);
     let mut captured = Captured::new();
     produce_and_receive(&broker.workload_env, &mut consumer, &logs, &mut captured, 1);
     std::fs::write(&token_file, "not a token\n").expect("break the token file");
@@ -987,10 +980,7 @@ fn a_token_that_can_no_longer_be_renewed_ends_the_consumer_when_it_lapses() {
 fn a_broker_that_keeps_dropping_the_consumer_ends_it_after_the_retry_budget() {
     let broker = Broker::start();
     let env = with(&broker.emulator_env, &retry_env(2));
-    let (consumer, logs) = spawn_demo(
-        &env,
-        &[("OPERATION_MODE", "consumer"), ("MESSAGE_COUNT", "0")],
-    );
+    let (consumer, logs) = spawn_worker(&env);
     // Each new connection is dropped once it has had time to attach.
     let watching = std::sync::atomic::AtomicBool::new(true);
     let mut captured = Captured::new();

@@ -5,7 +5,7 @@
 //! Needs the workspace binaries (`cargo test --workspace` builds them).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,6 @@ use proto::{GetMetricsRequest, ScaledObjectRef};
 const QUEUE: &str = "orders";
 /// A second queue the scaler does not poll in the background: only gRPC calls fetch it.
 const UNPOLLED_QUEUE: &str = "burst";
-
-/// `kedasim`, built beside our binary (`cargo build --workspace`).
-fn kedasim_binary() -> PathBuf {
-    let path = common::demo_binary().with_file_name("kedasim");
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        path.display()
-    );
-    path
-}
 
 /// A child process killed when dropped.
 struct Running {
@@ -350,7 +339,7 @@ async fn tutorial_replay_ten_jobs_drain_one_hundred_messages() {
     let scaler = sblocal.start_scaler("50ms");
     let jobs_dir = sblocal.broker.dir.path().join("jobs");
 
-    let mut command = Command::new(kedasim_binary());
+    let mut command = Command::new(common::workspace_binary("kedasim"));
     command
         .args(["--scaler-address", &scaler.grpc])
         .args(["--metadata", &format!("queueName={QUEUE}")])
@@ -560,7 +549,7 @@ async fn kedasim_reaches_a_mutual_tls_scaler_only_with_a_client_certificate() {
         ],
     );
     let kedasim = |client_cert: bool| {
-        let mut command = Command::new(kedasim_binary());
+        let mut command = Command::new(common::workspace_binary("kedasim"));
         command
             .args(["--scaler-address", &scaler.grpc])
             .args([

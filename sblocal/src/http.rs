@@ -118,8 +118,7 @@ async fn refuse_connections(
     let duration = query.duration();
     tracing::warn!(?duration, "fault: refusing new AMQP connections");
     state.faults.refuse_connections_for(duration);
-    "refusing
-"
+    "refusing\n"
 }
 
 async fn server_busy(
@@ -129,8 +128,7 @@ async fn server_busy(
     let duration = query.duration();
     tracing::warn!(?duration, "fault: server busy");
     state.broker.server_busy_for(duration);
-    "busy
-"
+    "busy\n"
 }
 
 async fn silent_cbs(

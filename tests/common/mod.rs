@@ -22,12 +22,15 @@ pub fn demo_binary() -> PathBuf {
 
 /// `target/<profile>/sblocal`, next to our binary.
 pub fn sblocal_binary() -> PathBuf {
-    let demo = demo_binary();
-    let dir = demo.parent().expect("binary has a parent directory");
-    let path = dir.join("sblocal");
+    workspace_binary("sblocal")
+}
+
+/// Another binary of the workspace (`sblocal`, `kedasim`), built next to ours.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let path = demo_binary().with_file_name(name);
     assert!(
         path.exists(),
-        "{} not found: build the broker first with `cargo build -p sblocal`",
+        "{} not found: build the workspace first with `cargo build --workspace`",
         path.display()
     );
     path
